@@ -1,0 +1,34 @@
+"""fastmaml: fast, correct Model-Agnostic Meta-Learning for PyTorch."""
+
+from fastmaml.core import adapt, evaluate_trajectory, meta_objective, task_objective
+from fastmaml.episode import Episode
+from fastmaml.learners import FOMAML, LSLR, MAML, AdaptedModel, MetaOutput, MetaSGD
+from fastmaml.losses import make_loss
+from fastmaml.models import BatchNormMLP, ConvNet, TaskBatchNorm, convert_batchnorm, sinusoid_mlp
+from fastmaml.rules import SGD, InnerRule, PerLayerPerStepLR, PerParameterLR
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAML",
+    "FOMAML",
+    "MetaSGD",
+    "LSLR",
+    "AdaptedModel",
+    "MetaOutput",
+    "Episode",
+    "InnerRule",
+    "SGD",
+    "PerParameterLR",
+    "PerLayerPerStepLR",
+    "adapt",
+    "task_objective",
+    "meta_objective",
+    "evaluate_trajectory",
+    "make_loss",
+    "TaskBatchNorm",
+    "convert_batchnorm",
+    "sinusoid_mlp",
+    "ConvNet",
+    "BatchNormMLP",
+]

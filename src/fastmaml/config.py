@@ -1,0 +1,242 @@
+"""Typed run configuration: dataclasses, YAML presets, and ``key=value`` overrides.
+
+One dataclass per concern; an unknown key or a value of the wrong type is an error that names
+the key, so a typo never silently runs the default. The resolved config is saved in each run
+directory and is what ``eval``, ``plot`` and ``--resume`` read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sinusoid"
+    """Task family: sinusoid | omniglot."""
+    ways: int = 5
+    """Classes per task (N); ignored for regression."""
+    shots: int = 10
+    """Support examples per class (K) in meta-training."""
+    queries: int = 10
+    """Query examples per class in meta-training."""
+    rotation: str = "per_task"
+    """Omniglot rotation protocol: per_task (original code) | classes (rotations as new classes) | none."""
+    data_root: str = ""
+    """Folder with the data set files; empty means the FASTMAML_DATA environment variable."""
+    cache_dir: str = ""
+    """Where decoded data sets are cached; empty means FASTMAML_CACHE or ~/.cache/fastmaml."""
+    max_classes: int = 0
+    """Use only the first N meta-train classes (0 = all); for quick tests and demos."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sinusoid_mlp"
+    """Network: sinusoid_mlp | conv | bn_mlp."""
+    hidden: int = 40
+    """Hidden width of sinusoid_mlp."""
+    filters: int = 64
+    """Conv filters per block (64 Omniglot, 32 MiniImagenet)."""
+
+
+@dataclass
+class MetaConfig:
+    algorithm: str = "maml"
+    """maml | pretrain (the paper's baseline: one model trained on all tasks, no inner loop)."""
+    inner_lr: float = 0.01
+    """Inner step size alpha."""
+    inner_steps: int = 1
+    """Inner steps in meta-training."""
+    first_order: bool = False
+    """First-order MAML (drop second derivatives)."""
+    reduction: str = "mean"
+    """Inner-loss scale: mean (PyTorch) | sum_over_classes (the original TensorFlow code)."""
+    strategy: str = "vmap"
+    """Execution over the tasks of a meta-batch: vmap | loop."""
+    chunk_size: int = 0
+    """Tasks per vmapped chunk to bound memory (0 = all at once)."""
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 70000
+    """Meta-training iterations (outer updates)."""
+    meta_batch: int = 25
+    """Tasks per meta-batch."""
+    outer_lr: float = 0.001
+    """Adam learning rate beta."""
+    grad_clip: float = 0.0
+    """Clip the meta-gradient norm (0 = off)."""
+    seed: int = 0
+    """Seed for initialisation and the task stream."""
+    device: str = "cpu"
+    """cpu | cuda | cuda:N."""
+    log_every: int = 100
+    """Iterations between metric lines."""
+    val_every: int = 1000
+    """Iterations between validations (0 = off)."""
+    val_tasks: int = 200
+    """Held-out tasks per validation."""
+    checkpoint_every: int = 1000
+    """Iterations between checkpoints (one is always written at the end)."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    tasks: int = 600
+    """Test tasks per evaluation (the literature uses 600)."""
+    steps: int = 10
+    """Evaluate after 0..steps inner updates."""
+    shots: list[int] = field(default_factory=lambda: [5, 10, 20])
+    """Support sizes K to evaluate."""
+    queries: int = 10
+    """Query examples per class at test time."""
+    inner_lr: float = 0.0
+    """Test-time step size (0 = the training inner_lr)."""
+    tune_lr: list[float] = field(default_factory=list)
+    """Candidate step sizes chosen on validation tasks (the pretrained baseline's tuned step size)."""
+    batch: int = 100
+    """Tasks per evaluation batch."""
+    seed: int = 1234
+    """Seed of the test tasks (fixed, so every model sees the same tasks)."""
+
+
+@dataclass
+class Config:
+    name: str = "sinusoid"
+    """Experiment name (run directory prefix)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A YAML path, or the name of a bundled preset (``sinusoid`` -> configs/sinusoid.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if preset.is_file():
+        return preset
+    available = sorted(p.stem for p in PRESET_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {', '.join(available)}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset or file, then apply ``section.key=value`` overrides."""
+    path = resolve_preset(name_or_path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    config = from_dict(data, source=str(path))
+    return apply_overrides(config, overrides or [])
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(Config, data, prefix="", source=source)
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.iterations=1000")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section ({_sections()})")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}; valid keys there: {', '.join(node)}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return from_dict(data, source="overrides")
+
+
+def save_config(config: Config, path: Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+def _sections() -> str:
+    return ", ".join(f.name for f in dataclasses.fields(Config) if f.name != "name")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        key = prefix + sorted(unknown)[0]
+        raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(prefix + n for n in sorted(names))}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix + name!r} must be a section (mapping), got {value!r}")
+            values[name] = _build(hint, value, prefix=f"{prefix}{name}.", source=source)
+        else:
+            values[name] = _coerce(value, hint, prefix + name, source)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: config key {key!r} must be {_type_name(hint)}, got {value!r}")
+
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, key, source) for v in value]
+    raise fail()
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

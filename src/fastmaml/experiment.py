@@ -1,0 +1,78 @@
+"""Turns a :class:`Config` into the objects a run needs: model, learner, task sources.
+
+The only module that knows every name a config may use; the trainer, evaluator and CLI ask it
+for objects and stay independent of task families.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fastmaml.config import Config, ConfigError
+from fastmaml.episode import Episode
+from fastmaml.learners import MAML
+from fastmaml.models import BatchNormMLP, ConvNet, sinusoid_mlp
+from fastmaml.tasks.sinusoid import SinusoidTasks
+
+
+class TaskSource(Protocol):
+    def sample(self, num_tasks: int, generator: torch.Generator) -> Episode: ...
+
+
+def is_classification(config: Config) -> bool:
+    return config.task.name != "sinusoid"
+
+
+def build_model(config: Config) -> nn.Module:
+    name, ways = config.model.name, config.task.ways
+    if name == "sinusoid_mlp":
+        return sinusoid_mlp(config.model.hidden)
+    if name == "conv":
+        return ConvNet(ways=ways, in_channels=1, filters=config.model.filters, pool=False, image_size=28)
+    if name == "bn_mlp":
+        return BatchNormMLP(ways=ways, in_features=28 * 28)
+    raise ConfigError(f"unknown model.name {name!r}; use sinusoid_mlp, conv or bn_mlp")
+
+
+def build_learner(config: Config, device: torch.device) -> MAML:
+    meta = config.meta
+    if meta.algorithm not in ("maml", "pretrain"):
+        raise ConfigError(f"unknown meta.algorithm {meta.algorithm!r}; use maml or pretrain")
+    if meta.strategy not in ("vmap", "loop"):
+        raise ConfigError(f"unknown meta.strategy {meta.strategy!r}; use vmap or loop")
+    learner = MAML(
+        build_model(config),
+        inner_lr=meta.inner_lr,
+        inner_steps=0 if meta.algorithm == "pretrain" else meta.inner_steps,
+        first_order=meta.first_order,
+        loss="cross_entropy" if is_classification(config) else "mse",
+        reduction=meta.reduction,  # type: ignore[arg-type]
+        strategy=meta.strategy,  # type: ignore[arg-type]
+        chunk_size=meta.chunk_size or None,
+    )
+    return learner.to(device)
+
+
+def build_tasks(config: Config, split: str, device: torch.device, shots: int | None = None,
+                queries: int | None = None) -> TaskSource:
+    """A task source for ``split`` (train | val | test); ``shots``/``queries`` override training's."""
+    task = config.task
+    shots = task.shots if shots is None else shots
+    queries = task.queries if queries is None else queries
+    if task.name == "sinusoid":
+        return SinusoidTasks(shots=shots, queries=queries, device=str(device))
+    if task.name == "omniglot":
+        from fastmaml.tasks.omniglot import build_omniglot_tasks
+
+        return build_omniglot_tasks(task, split, shots=shots, queries=queries, device=device)
+    raise ConfigError(f"unknown task.name {task.name!r}; use sinusoid or omniglot")
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu")
+    return device

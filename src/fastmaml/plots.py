@@ -1,0 +1,110 @@
+"""PNG figures of a run: learning curves, metric vs inner steps (paper Fig. 3), sinusoid fits (Fig. 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from fastmaml import checkpoint  # noqa: E402
+from fastmaml.experiment import build_learner, build_tasks  # noqa: E402
+from fastmaml.rules import SGD  # noqa: E402
+from fastmaml.runlog import read_metrics  # noqa: E402
+from fastmaml.train import BEST, LAST, load_run_config  # noqa: E402
+
+
+def plot_learning_curves(run_dir: Path) -> Path:
+    """Training loss (and accuracy) and validation metrics against iterations."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    has_acc = any("val_accuracy" in r for r in val)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train meta-loss", lw=1)
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss", ms=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("query loss")
+    ax.set_yscale("log")
+    ax.legend()
+    if has_acc:
+        ax = axes[0, 1]
+        ax.plot([r["step"] for r in train], [100 * r["accuracy"] for r in train], label="train", lw=1)
+        ax.plot([r["step"] for r in val], [100 * r["val_accuracy"] for r in val], "o-", label="validation", ms=3)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("query accuracy (%)")
+        ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "learning_curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_steps(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
+    """Metric vs number of inner steps, one panel per K, one line per run (paper Fig. 3)."""
+    results = [json.loads((Path(d) / "eval.json").read_text()) for d in run_dirs]
+    shots = list(results[0]["by_shots"])
+    classification = "accuracy" in results[0]["by_shots"][shots[0]]
+    metric = "accuracy" if classification else "loss"
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for result, label in zip(results, labels):
+            if k not in result["by_shots"]:
+                continue
+            curve = result["by_shots"][k][metric]
+            scale = 100 if classification else 1
+            mean = torch.tensor(curve["mean"]) * scale
+            ci = torch.tensor(curve["ci95"]) * scale
+            steps = range(len(mean))
+            ax.plot(steps, mean, "o-", ms=3, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.25)
+        ax.set_title(f"K = {k}")
+        ax.set_xlabel("number of gradient steps")
+        ax.set_ylabel("accuracy (%)" if classification else "mean squared error")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def plot_sinusoid_fits(run_dirs: list[Path], labels: list[str], out: Path, shots: tuple[int, ...] = (5, 10),
+                       seed: int = 3) -> Path:
+    """True function, K points, and predictions before and after 1 and 10 steps (paper Fig. 2)."""
+    fig, axes = plt.subplots(len(run_dirs), len(shots), figsize=(5.5 * len(shots), 3.6 * len(run_dirs)),
+                             squeeze=False)
+    for row, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        config = load_run_config(run_dir, ["train.device=cpu"])
+        learner = build_learner(config, torch.device("cpu"))
+        path = Path(run_dir) / BEST if (Path(run_dir) / BEST).exists() else Path(run_dir) / LAST
+        learner.load_state_dict(checkpoint.load(path)["learner"])
+        eval_lr = json.loads((Path(run_dir) / "eval.json").read_text())["inner_lr"] if (
+            Path(run_dir) / "eval.json").exists() else config.meta.inner_lr
+        for col, k in enumerate(shots):
+            tasks = build_tasks(config, "test", torch.device("cpu"), shots=k, queries=0)
+            generator = torch.Generator().manual_seed(seed + k)
+            amplitude, phase = tasks.sample_functions(1, generator)
+            episode = tasks.episode_for(amplitude, phase, generator)
+            grid = torch.linspace(-5, 5, 200).view(-1, 1)
+            ax = axes[row, col]
+            ax.plot(grid, tasks.target(grid.view(1, -1, 1), amplitude, phase)[0], "r", lw=2, label="ground truth")
+            ax.plot(episode.support_x[0], episode.support_y[0], "^", color="purple", ms=8, label="used for grad")
+            rule = SGD(eval_lr) if eval_lr != config.meta.inner_lr else None
+            for steps, style in ((0, ":"), (1, "--"), (10, "-")):
+                model = learner.adapt(episode.support_x[0], episode.support_y[0], steps=steps, rule=rule)
+                ax.plot(grid, model(grid), style, color="green" if steps == 10 else "tab:blue",
+                        label="pre-update" if steps == 0 else f"{steps} grad step{'s' if steps > 1 else ''}")
+            ax.set_ylim(-5.5, 5.5)
+            ax.set_title(f"{label}, K = {k}")
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

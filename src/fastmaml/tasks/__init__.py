@@ -1,0 +1,1 @@
+"""Task sources: each yields :class:`fastmaml.Episode` meta-batches, sampled on the device."""

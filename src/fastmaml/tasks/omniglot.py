@@ -1,0 +1,417 @@
+"""Omniglot (Lake et al. 2015) read straight from the official zips, as in the MAML paper's setup.
+
+The two official zips (``images_background.zip``, ``images_evaluation.zip``) are decoded once
+into a uint8 store ``[1623, 20, 28, 28]``: each 105x105 1-bit drawing is resized to 28x28 and
+inverted so strokes are bright (stroke 255, background 0; the original code feeds ``1 - image``).
+Classes are ordered background then evaluation, each by sorted ``alphabet/character`` path. The
+store is cached as ``.npy`` keyed by the zips' sha256, so later loads skip decoding.
+
+Splits follow the original MAML code (``data_generator.py``): the 1,623 characters shuffled
+with Python's ``random.seed(1); random.shuffle(...)``, then the first 1,100 are meta-train, the
+next 100 meta-val and the last 423 meta-test. The original shuffled folders in ``os.listdir``
+order, which depends on the file system, so its exact membership cannot be reproduced; here the
+shuffled list is the deterministic store order, making the split identical on every machine.
+
+Example (needs the zips; ``root`` may hold them directly or in an ``omniglot/`` subfolder):
+
+>>> store = load_omniglot("data")  # doctest: +SKIP
+>>> tasks = omniglot_tasks(store, "train", ways=5, shots=1, queries=15, rotation="per_task")  # doctest: +SKIP
+>>> episode = tasks.sample(32, torch.Generator().manual_seed(0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fastmaml.tasks.episodes import EpisodeSampler
+
+if TYPE_CHECKING:
+    from fastmaml.config import TaskConfig
+
+OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+"""Where the official zips live (brendenlake/omniglot)."""
+OMNIGLOT_ZIPS = ("images_background.zip", "images_evaluation.zip")
+"""The official zips, in store order."""
+OMNIGLOT_MD5 = {
+    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+"""md5 of the official zips, as recorded by torchvision's ``Omniglot`` dataset."""
+OMNIGLOT_CHARACTERS = {"images_background.zip": 964, "images_evaluation.zip": 659}
+"""Characters (classes) per official zip: 30 + 20 alphabets, 1,623 characters in all."""
+DRAWINGS = 20
+"""Drawings per character (20 people drew each one)."""
+SOURCE_SIZE = 105
+SPLIT_SEED = 1
+NUM_TRAIN = 1100
+NUM_VAL = 100
+SPLITS = ("train", "val", "test")
+DOWNLOAD_HINT = "fastmaml data omniglot --download DIR"
+_CACHE_VERSION = b"fastmaml-omniglot-store-v1"
+
+
+class OmniglotDataError(ValueError):
+    """The Omniglot files are unusable (corrupt, truncated, wrong layout, failed download)."""
+
+
+class OmniglotNotFoundError(OmniglotDataError, FileNotFoundError):
+    """The Omniglot zips are not where the user pointed."""
+
+
+def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """``root``, or else the ``FASTMAML_DATA`` environment variable."""
+    if root is not None and str(root) != "":
+        return Path(root).expanduser()
+    env = os.environ.get("FASTMAML_DATA", "")
+    if not env:
+        raise OmniglotNotFoundError(
+            "no data folder given: pass --data-root DIR (task.data_root) or set FASTMAML_DATA=DIR, "
+            f"where DIR holds {' and '.join(OMNIGLOT_ZIPS)}; get them with `{DOWNLOAD_HINT}`"
+        )
+    return Path(env).expanduser()
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``FASTMAML_CACHE``, else ``~/.cache/fastmaml``."""
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("FASTMAML_CACHE") or Path.home() / ".cache" / "fastmaml").expanduser()
+
+
+def find_omniglot_zips(root: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """The official zips in ``root`` or ``root/omniglot``, in store order."""
+    root = Path(root).expanduser()
+    for folder in (root, root / "omniglot"):
+        paths = tuple(folder / name for name in OMNIGLOT_ZIPS)
+        if all(p.is_file() for p in paths):
+            return paths
+    missing = [str(root / n) for n in OMNIGLOT_ZIPS if not (root / n).is_file()]
+    raise OmniglotNotFoundError(
+        f"Omniglot zips not found: {', '.join(missing)} (also looked in {root / 'omniglot'}). "
+        f"Download them with `{DOWNLOAD_HINT}` (or from {OMNIGLOT_URL}) and pass that DIR as --data-root"
+    )
+
+
+def omniglot_characters(
+    root: str | os.PathLike[str], expected_characters: Mapping[str, int] | None = OMNIGLOT_CHARACTERS
+) -> list[str]:
+    """Class names in store order (``images_background/Alphabet/character01``), checking the layout.
+
+    Reads only the zips' directories, so it is a cheap integrity check of the counts.
+    """
+    names = []
+    for path in find_omniglot_zips(root):
+        with _open_zip(path) as archive:
+            names.extend(_character_drawings(path, archive, expected_characters))
+    return names
+
+
+def load_omniglot(
+    root: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    image_size: int = 28,
+    antialias: bool = True,
+    expected_characters: Mapping[str, int] | None = OMNIGLOT_CHARACTERS,
+) -> Tensor:
+    """The uint8 store ``[classes, 20, image_size, image_size]``, decoded once then cached.
+
+    ``antialias=True`` resizes the grey image with Lanczos. ``antialias=False`` reproduces what
+    the original resize script actually produced: Pillow ignores the LANCZOS filter on 1-bit
+    images and uses nearest neighbour, so its 28x28 images were binary. ``expected_characters``
+    (characters per zip) guards against a truncated download; ``None`` skips that check.
+    """
+    zips = find_omniglot_zips(resolve_data_root(root))
+    cache = resolve_cache_dir(cache_dir) / _cache_name(zips, image_size, antialias)
+    store = _read_cache(cache)
+    if store is None:
+        store = decode_omniglot(zips, image_size, antialias, expected_characters)
+        _write_atomic(cache, lambda f: np.save(f, store))
+    _check_total(zips, store.shape[0], expected_characters)
+    return torch.from_numpy(store)
+
+
+def decode_omniglot(
+    zips: tuple[Path, ...],
+    image_size: int = 28,
+    antialias: bool = True,
+    expected_characters: Mapping[str, int] | None = OMNIGLOT_CHARACTERS,
+) -> np.ndarray:
+    """Decode every drawing of ``zips`` into ``uint8 [classes, 20, size, size]``, strokes bright.
+
+    The layout and counts are checked before any image is decoded, so a bad zip fails at once.
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    blocks = []
+    for path in zips:
+        with _open_zip(path) as archive:
+            drawings = _character_drawings(path, archive, expected_characters)
+            block = np.empty((len(drawings), DRAWINGS, image_size, image_size), dtype=np.uint8)
+            for c, entries in enumerate(drawings.values()):
+                for d, entry in enumerate(entries):
+                    block[c, d] = _decode_png(path, archive, entry, image_size, antialias)
+        blocks.append(block)
+    return np.concatenate(blocks)
+
+
+def omniglot_splits(
+    num_classes: int = NUM_TRAIN + NUM_VAL + 423,
+    num_train: int = NUM_TRAIN,
+    num_val: int = NUM_VAL,
+    seed: int = SPLIT_SEED,
+) -> dict[str, Tensor]:
+    """Disjoint class ids per split: ``random.Random(seed).shuffle(range(num_classes))`` cut into
+    the first ``num_train`` (train), the next ``num_val`` (val) and the rest (test).
+
+    This is the original code's ``random.seed(1); random.shuffle(folders)`` with 1,100/100/423;
+    the counts are arguments so small test stores can be split the same way.
+    """
+    if num_train < 1 or num_val < 0 or num_train + num_val >= num_classes:
+        raise ValueError(
+            f"cannot split {num_classes} classes into train={num_train}, val={num_val} and a non-empty test split"
+        )
+    order = list(range(num_classes))
+    random.Random(seed).shuffle(order)
+    bounds = {"train": (0, num_train), "val": (num_train, num_train + num_val), "test": (num_train + num_val, None)}
+    return {name: torch.tensor(order[start:stop], dtype=torch.long) for name, (start, stop) in bounds.items()}
+
+
+def omniglot_tasks(
+    store: Tensor,
+    split: str,
+    ways: int,
+    shots: int,
+    queries: int,
+    rotation: str = "none",
+    device: torch.device | str = "cpu",
+    *,
+    num_train: int = NUM_TRAIN,
+    num_val: int = NUM_VAL,
+    seed: int = SPLIT_SEED,
+    max_classes: int = 0,
+) -> EpisodeSampler:
+    """An N-way K-shot task source over one split of ``store``, its images copied to ``device``.
+
+    ``max_classes > 0`` keeps only the first that many classes of the split (quick runs).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    classes = omniglot_splits(store.shape[0], num_train=num_train, num_val=num_val, seed=seed)[split]
+    if max_classes > 0:
+        classes = classes[:max_classes]
+    return EpisodeSampler(store, ways, shots, queries, classes=classes, rotation=rotation, device=device)
+
+
+def build_omniglot_tasks(
+    task: TaskConfig, split: str, *, shots: int, queries: int, device: torch.device | str
+) -> EpisodeSampler:
+    """The task source a run config asks for; ``task.max_classes`` limits the meta-train split only.
+
+    The configured rotation applies to every split (the original code rotated test tasks too).
+    """
+    store = load_omniglot(task.data_root or None, cache_dir=task.cache_dir or None)
+    max_classes = task.max_classes if split == "train" else 0
+    return omniglot_tasks(
+        store, split, task.ways, shots, queries, rotation=task.rotation, device=device, max_classes=max_classes
+    )
+
+
+def download_omniglot(
+    dest_dir: str | os.PathLike[str],
+    base_url: str = OMNIGLOT_URL,
+    checksums: Mapping[str, str] = OMNIGLOT_MD5,
+    timeout: float = 60.0,
+) -> list[Path]:
+    """Fetch the official zips into ``dest_dir``, verifying each md5; files already verified are kept."""
+    dest = Path(dest_dir).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in OMNIGLOT_ZIPS:
+        if name not in checksums:
+            raise ValueError(f"checksums has no md5 for {name}; give one for each of {', '.join(OMNIGLOT_ZIPS)}")
+        target = dest / name
+        if not (target.is_file() and _md5_file(target) == checksums[name].lower()):
+            _download(f"{base_url.rstrip('/')}/{name}", target, checksums[name].lower(), timeout)
+        paths.append(target)
+    return paths
+
+
+# --- zips -------------------------------------------------------------------------------------
+
+
+def _redownload(path: Path) -> str:
+    return f"re-download it with `{DOWNLOAD_HINT.replace('DIR', str(path.parent))}`"
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError as exc:
+        raise OmniglotNotFoundError(f"{path} does not exist; {_redownload(path)}") from exc
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise OmniglotDataError(
+            f"{path} is not a readable zip ({exc}); it is truncated or corrupt: {_redownload(path)}"
+        ) from exc
+
+
+def _drawings_by_character(path: Path, archive: zipfile.ZipFile) -> dict[str, list[str]]:
+    """``top/alphabet/character`` -> its PNG entries, sorted; the official layout is enforced."""
+    groups: dict[str, list[str]] = {}
+    for entry in archive.namelist():
+        if entry.endswith("/") or entry.startswith("__MACOSX/") or not entry.lower().endswith(".png"):
+            continue
+        parts = entry.split("/")
+        if len(parts) != 4:
+            raise OmniglotDataError(
+                f"{path}: entry {entry!r} is not at <set>/<Alphabet>/<character>/<drawing>.png as in the official "
+                f"zip; {_redownload(path)}"
+            )
+        groups.setdefault("/".join(parts[:3]), []).append(entry)
+    return {character: sorted(entries) for character, entries in sorted(groups.items())}
+
+
+def _character_drawings(
+    path: Path, archive: zipfile.ZipFile, expected: Mapping[str, int] | None
+) -> dict[str, list[str]]:
+    """:func:`_drawings_by_character`, after checking the counts of characters and drawings."""
+    groups = _drawings_by_character(path, archive)
+    want = None if expected is None else expected.get(path.name)
+    if want is not None and len(groups) != want:
+        raise OmniglotDataError(
+            f"{path} holds {len(groups)} characters, expected {want}; it is incomplete or not the official "
+            f"file: {_redownload(path)}"
+        )
+    if not groups:
+        raise OmniglotDataError(f"{path} holds no PNG drawings; {_redownload(path)}")
+    for character, entries in groups.items():
+        if len(entries) != DRAWINGS:
+            raise OmniglotDataError(
+                f"{path}: {character} has {len(entries)} drawings, expected {DRAWINGS}; {_redownload(path)}"
+            )
+    return groups
+
+
+def _decode_png(path: Path, archive: zipfile.ZipFile, entry: str, size: int, antialias: bool) -> np.ndarray:
+    """One drawing as ``uint8 [size, size]``, strokes 255 on a 0 background."""
+    try:
+        with Image.open(io.BytesIO(archive.read(entry))) as image:
+            image.load()
+            if image.size != (SOURCE_SIZE, SOURCE_SIZE):
+                raise OmniglotDataError(
+                    f"{path}: {entry} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}; "
+                    f"{_redownload(path)}"
+                )
+            if antialias:
+                small = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+            else:
+                small = image.convert("1").resize((size, size), Image.Resampling.NEAREST).convert("L")
+            pixels = np.asarray(small, dtype=np.uint8)
+    except OmniglotDataError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise OmniglotDataError(f"{path}: {entry} is not a decodable PNG ({exc}); {_redownload(path)}") from exc
+    return 255 - pixels
+
+
+def _check_total(zips: tuple[Path, ...], total: int, expected: Mapping[str, int] | None) -> None:
+    if expected is None:
+        return
+    want = sum(expected.get(p.name, 0) for p in zips)
+    if total != want:
+        raise OmniglotDataError(
+            f"the Omniglot store holds {total} characters, expected {want}; the zips "
+            f"{', '.join(map(str, zips))} are incomplete or not the official files: {_redownload(zips[0])}"
+        )
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+
+def _cache_name(zips: tuple[Path, ...], image_size: int, antialias: bool) -> str:
+    """File name keyed by the zips' contents and the decode settings, so any change misses."""
+    key = hashlib.sha256(_CACHE_VERSION)
+    key.update(f"size={image_size};antialias={antialias}".encode())
+    for path in zips:
+        key.update(path.name.encode() + b"=" + _digest_file(path, "sha256").encode())
+    resample = "lanczos" if antialias else "nearest"
+    return f"omniglot-{image_size}px-{resample}-{key.hexdigest()[:20]}.npy"
+
+
+def _read_cache(path: Path) -> np.ndarray | None:
+    """The cached store, or ``None`` if absent or unreadable (a broken cache is rebuilt, not trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        store = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return store if store.dtype == np.uint8 and store.ndim == 4 else None
+
+
+def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
+    """Write via a temp file in the same folder and ``os.replace``, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+# --- download ---------------------------------------------------------------------------------
+
+
+def _digest_file(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _md5_file(path: Path) -> str:
+    return _digest_file(path, "md5")
+
+
+def _download(url: str, target: Path, md5: str, timeout: float) -> None:
+    """Stream ``url`` into ``target`` atomically; a checksum mismatch leaves nothing behind."""
+    digest = hashlib.md5(usedforsecurity=False)
+
+    def write(f: io.BufferedWriter) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError) as exc:
+            raise OmniglotDataError(
+                f"could not download {url} ({exc}); check the network, or fetch the file by hand into {target.parent}"
+            ) from exc
+        if digest.hexdigest() != md5:
+            raise OmniglotDataError(
+                f"downloaded {url} has md5 {digest.hexdigest()}, expected {md5}; the file was not saved. "
+                f"Retry; if the official file has changed, pass the new checksums"
+            )
+
+    _write_atomic(target, write)

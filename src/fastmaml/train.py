@@ -1,0 +1,173 @@
+"""The training loop: meta-batches, validation, atomic checkpoints, exact resume, metrics.
+
+A thin stateful shell over the learner; all randomness flows from seeded generators whose
+states are checkpointed, so ``resume`` replays the uninterrupted run bit for bit on the same
+device and software.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fastmaml import checkpoint
+from fastmaml.config import Config, load_config, save_config
+from fastmaml.episode import Episode
+from fastmaml.experiment import TaskSource, build_learner, build_tasks, is_classification, resolve_device
+from fastmaml.learners import MAML
+from fastmaml.runlog import RunLog
+
+LAST = "last.pt"
+BEST = "best.pt"
+CONFIG = "config.yaml"
+
+
+class TrainingDiverged(RuntimeError):
+    """The meta-loss or meta-gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+def sample_validation(tasks: TaskSource, count: int, batch: int, seed: int, device: torch.device) -> list[Episode]:
+    """A fixed set of held-out episodes, the same at every validation and after resume."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    episodes = []
+    for start in range(0, count, batch):
+        episodes.append(tasks.sample(min(batch, count - start), generator))
+    return episodes
+
+
+def validate(learner: MAML, episodes: list[Episode]) -> dict[str, float]:
+    """Mean query loss (and accuracy) after the training number of inner steps."""
+    steps = learner.inner_steps
+    losses, accuracies = [], []
+    for episode in episodes:
+        loss, accuracy = learner.evaluate(episode, steps)
+        losses.append(loss[:, steps])
+        if accuracy is not None:
+            accuracies.append(accuracy[:, steps])
+    result = {"val_loss": torch.cat(losses).mean().item()}
+    if accuracies:
+        result["val_accuracy"] = torch.cat(accuracies).mean().item()
+    return result
+
+
+def is_better(metrics: dict[str, float], best: float | None, classification: bool) -> bool:
+    if best is None:
+        return True
+    return metrics["val_accuracy"] > best if classification else metrics["val_loss"] < best
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {CONFIG}; is it a fastmaml run directory?")
+    return load_config(str(path), overrides)
+
+
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Meta-train ``config`` into ``run_dir``; with ``resume``, continue from ``run_dir/last.pt``."""
+    run_dir = Path(run_dir)
+    cfg = config.train
+    if not resume and (run_dir / LAST).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    torch.manual_seed(cfg.seed)
+    learner = build_learner(config, device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
+    task_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    train_tasks = build_tasks(config, "train", device)
+    classification = is_classification(config)
+    val_episodes: list[Episode] = []
+    if cfg.val_every:
+        val_tasks = build_tasks(config, "val", device)
+        val_episodes = sample_validation(val_tasks, cfg.val_tasks, config.eval.batch, cfg.seed + 2, device)
+
+    step, best, window = 0, None, [0.0, 0.0, 0]
+    if resume:
+        state = checkpoint.load(run_dir / LAST, map_location=device)
+        learner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        task_rng.set_state(state["task_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        step, best, window = state["step"], state["best"], list(state["window"])
+
+    def snapshot() -> dict[str, Any]:
+        state = {
+            "step": step, "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "task_rng": task_rng.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
+            "window": list(window), "config": config.to_dict(),
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return state
+
+    log = RunLog(run_dir, resume_step=step if resume else None)
+    bar = tqdm(total=cfg.iterations, initial=step, disable=not progress, dynamic_ncols=True, desc=config.name)
+    tick, tick_step = time.perf_counter(), step
+    try:
+        while step < cfg.iterations:
+            episode = train_tasks.sample(cfg.meta_batch, task_rng)
+            out = learner.meta_loss(episode)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = _grad_norm(learner, cfg.grad_clip)
+            loss = out.loss.item()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingDiverged(
+                    f"meta-loss {loss} / meta-gradient norm {grad_norm} at iteration {step + 1}: training stopped. "
+                    f"The last good checkpoint ({run_dir / LAST}, if any) is kept. Lower train.outer_lr or "
+                    "meta.inner_lr, or set train.grad_clip, then resume or restart."
+                )
+            optimizer.step()
+            step += 1
+            window[0] += loss
+            window[1] += out.accuracy.item() if out.accuracy is not None else 0.0
+            window[2] += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                now = time.perf_counter()
+                rate = (step - tick_step) * cfg.meta_batch / max(now - tick, 1e-9)
+                record = {"loss": window[0] / window[2], "tasks_per_s": rate}
+                if classification:
+                    record["accuracy"] = window[1] / window[2]
+                log.write(step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", tasks_s=f"{rate:.0f}")
+                tick, tick_step, window = now, step, [0.0, 0.0, 0]
+
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
+                metrics = validate(learner, val_episodes)
+                log.write(step, **metrics)
+                if is_better(metrics, best, classification):
+                    best = metrics["val_accuracy"] if classification else metrics["val_loss"]
+                    checkpoint.save_atomic({"step": step, "learner": learner.state_dict(), "metrics": metrics},
+                                           run_dir / BEST)
+
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+                checkpoint.save_atomic(snapshot(), run_dir / LAST)
+    except TrainingDiverged as error:
+        log.write(step, event="diverged", message=str(error))
+        raise
+    finally:
+        bar.close()
+        log.close()
+    return {"step": step, "best": best, "run_dir": str(run_dir)}
+
+
+def _grad_norm(learner: MAML, clip: float) -> float:
+    """Total meta-gradient norm (clipped in place when ``clip`` > 0)."""
+    params = [p for p in learner.parameters() if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip).item()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()

@@ -1,0 +1,157 @@
+"""Trainer: real learning, exact resume after SIGKILL, NaN stops, atomic checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmaml import checkpoint
+from fastmaml.cli import main as cli_main
+from fastmaml.config import load_config
+from fastmaml.evaluate import evaluate_run, mean_ci95
+from fastmaml.runlog import read_metrics
+from fastmaml.train import TrainingDiverged, train
+
+QUICK = ["train.meta_batch=10", "train.log_every=20", "train.val_every=100", "train.val_tasks=50",
+         "train.checkpoint_every=50", "eval.tasks=100", "eval.batch=100"]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    """The loss curve of a run (timing columns excluded: they are the only non-deterministic values)."""
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r] + [
+        (r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
+
+
+def test_short_sinusoid_training_learns_to_adapt(tmp_path: Path) -> None:
+    """A real short run: adaptation must cut the query MSE well below the unadapted model's."""
+    config = load_config("sinusoid", [*QUICK, "train.iterations=1500", "train.meta_batch=25", "eval.shots=[10]"])
+    train(config, tmp_path / "run", progress=False)
+    results = evaluate_run(tmp_path / "run")
+    mse = results["by_shots"]["10"]["loss"]["mean"]
+    assert mse[1] < 0.6 * mse[0], mse  # one step helps a lot
+    assert mse[10] < mse[1], mse  # and further steps keep helping
+    assert mse[10] < 1.0, mse  # an untrained net sits near 3 (the mean of A^2/2)
+    assert (tmp_path / "run" / "eval.md").read_text().count("|") > 20
+
+
+def test_resume_after_sigkill_replays_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Kill a training process with SIGKILL mid-run; the resumed loss curve equals an uninterrupted one."""
+    args = ["sinusoid", *QUICK, "train.iterations=1200", "train.threads=1"]
+    cmd = [sys.executable, "-m", "fastmaml.cli", "train", *args, "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cmd, "--run-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+
+    victim = subprocess.Popen([*cmd, "--run-dir", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not (last.exists() and checkpoint.load(last)["step"] >= 150):
+        assert victim.poll() is None, "training finished before it could be killed; make it longer"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = checkpoint.load(last)["step"]
+    assert 150 <= killed_at < 1200
+
+    resume = [sys.executable, "-m", "fastmaml.cli", "train", "--resume", str(tmp_path / "killed"), "--no-progress"]
+    subprocess.run(resume, check=True, env=env, capture_output=True)
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    full = checkpoint.load(tmp_path / "full" / "last.pt")["learner"]
+    resumed = checkpoint.load(tmp_path / "killed" / "last.pt")["learner"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastmaml.train as train_module
+
+    real_build = train_module.build_tasks
+
+    class PoisonAfter:
+        """Wraps a task source; from call ``n`` on, the targets are NaN."""
+
+        def __init__(self, source, n: int) -> None:
+            self.source, self.n, self.calls = source, n, 0
+
+        def sample(self, num_tasks, generator):
+            self.calls += 1
+            episode = self.source.sample(num_tasks, generator)
+            if self.calls < self.n:
+                return episode
+            return type(episode)(episode.support_x, episode.support_y * float("nan"), episode.query_x,
+                                 episode.query_y)
+
+    monkeypatch.setattr(train_module, "build_tasks",
+                        lambda config, split, *a, **k: PoisonAfter(real_build(config, split, *a, **k), 130)
+                        if split == "train" else real_build(config, split, *a, **k))
+    config = load_config("sinusoid", [*QUICK, "train.iterations=400"])
+    with pytest.raises(TrainingDiverged, match="iteration 130.*last good checkpoint"):
+        train(config, tmp_path / "run", progress=False)
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert state["step"] == 100
+    assert all(torch.isfinite(v).all() for v in state["learner"].values())
+    assert read_metrics(tmp_path / "run")[-1]["event"] == "diverged"
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ck.pt"
+    checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    def exploding_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    assert checkpoint.load(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+    (tmp_path / "torn.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="unreadable"):
+        checkpoint.load(tmp_path / "torn.pt")
+
+
+def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
+    config = load_config("sinusoid", [*QUICK, "train.iterations=50", "train.val_every=0"])
+    train(config, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path / "run", progress=False)
+
+
+def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert cli_main(["train", "sinusoid", *QUICK, "train.iterations=200", "--run-dir", str(run), "--no-progress"]) == 0
+    assert cli_main(["eval", str(run), "--tasks", "50", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 5 |" in out and "3 steps" in out
+    assert json.loads((run / "eval.json").read_text())["tasks"] == 50
+    assert cli_main(["plot", str(run)]) == 0
+    for name in ("learning_curves.png", "eval_steps.png", "sinusoid_fits.png"):
+        assert (run / name).stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_cli_reports_bad_key_and_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["train", "sinusoid", "train.iteratons=3", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown config key 'train.iteratons'" in capsys.readouterr().err
+
+
+def test_mean_ci95_matches_textbook_formula() -> None:
+    values = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0], [7.0, 2.0]])
+    curve = mean_ci95(values)
+    assert curve.mean == pytest.approx([4.0, 2.0])
+    # sample std of 1,3,5,7 is sqrt(20/3); CI half-width 1.96 * std / sqrt(4)
+    assert curve.ci95 == pytest.approx([1.96 * (20 / 3) ** 0.5 / 2, 0.0])
