@@ -15,3 +15,18 @@ def _seed_and_guard_default_dtype():
     after = torch.get_default_dtype()
     torch.set_default_dtype(before)
     assert after == before, f"test changed the default dtype from {before} to {after}; use .double() on models"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors run fastest, and reproducibly, on one intra-op thread (2-core CI machines)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def real_omniglot_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One decode of the real Omniglot zips per test session, shared by every test that needs it."""
+    return tmp_path_factory.mktemp("omniglot-cache")

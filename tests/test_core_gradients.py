@@ -441,7 +441,6 @@ def test_convert_batchnorm_matches_torch_batchnorm_forward_in_train_mode():
     torch.testing.assert_close(converted(x), original(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: convert_batchnorm builds TaskBatchNorm in float32 whatever the dtype")
 def test_convert_batchnorm_keeps_dtype():
     original = _model_with_torch_batchnorm().double()
     converted = fastmaml.convert_batchnorm(original)

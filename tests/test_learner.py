@@ -511,5 +511,5 @@ def test_meta_loss_and_evaluate_reject_dtype_mismatch():
 def test_meta_loss_rejects_device_mismatch():
     learner = MAML(tanh_mlp(1, 4, 1))
     episode = Episode(*(torch.empty(2, 3, 1, device="meta") for _ in range(4)))
-    with pytest.raises(ValueError, match=r"episode is on meta but the model is on cpu"):
+    with pytest.raises(ValueError, match=r"inputs are on meta but the model is on cpu"):
         learner.meta_loss(episode)

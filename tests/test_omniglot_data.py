@@ -74,9 +74,9 @@ def pil_oracle(zip_path: Path, entry: str, antialias: bool) -> np.ndarray:
 
 def test_decode_gives_uint8_store_with_bright_strokes(store):
     assert store.shape == (CLASSES, DRAWINGS, 28, 28) and store.dtype == torch.uint8
-    # fixture strokes: the top-left cell always, the other corner cells never
-    assert (store[:, :, :5, :5] == 255).all()
-    assert (store[:, :, -5:, -5:] == 0).all()
+    # fixture strokes: the top-left cell always, the other corner cells never (Lanczos rings a little)
+    assert (store[:, :, 1:4, 1:4] > 200).all() and store[:, :, :5, :5].max() == 255
+    assert (store[:, :, -4:-1, -4:-1] < 55).all() and store[:, :, -5:, -5:].min() == 0
 
 
 def test_classes_sorted_background_first_and_drawings_in_file_order(data, store):
@@ -90,11 +90,13 @@ def test_classes_sorted_background_first_and_drawings_in_file_order(data, store)
 def test_decode_matches_pillow_oracle(data, cache, antialias):
     root, counts = data
     store = load_omniglot(root, cache, antialias=antialias, expected_characters=counts)
-    entry = "images_evaluation/Beta/character02/0110_03.png"  # class 8 (Beta/character02), drawing 3
-    assert class_names()[8] == "images_evaluation/Beta/character02"
+    character = "images_evaluation/Beta/character02"
+    assert class_names()[8] == character
+    with zipfile.ZipFile(root / "images_evaluation.zip") as archive:
+        entry = sorted(n for n in archive.namelist() if n.startswith(character + "/") and n.endswith(".png"))[2]
     assert np.array_equal(store[8, 2].numpy(), pil_oracle(root / "images_evaluation.zip", entry, antialias))
-    values = set(np.unique(store.numpy()).tolist())
-    assert values == {0, 255} if not antialias else len(values) > 2
+    levels = len(np.unique(store.numpy()))
+    assert levels > 2 if antialias else levels == 2  # the original script's output was binary
 
 
 def test_zips_may_sit_in_an_omniglot_subfolder(tmp_path, cache):
@@ -209,6 +211,20 @@ def test_wrong_number_of_characters_is_caught_before_decoding(data, cache, monke
         load_omniglot(root, cache)  # the official counts
 
 
+def test_wrong_number_of_characters_is_caught_on_a_cache_hit_too(data, cache):
+    root, _ = data
+    load_omniglot(root, cache, expected_characters=None)
+    with pytest.raises(OmniglotDataError, match="store holds 12 characters, expected 1623"):
+        load_omniglot(root, cache)
+
+
+def test_unwritable_cache_names_the_setting_to_change(data, tmp_path):
+    root, counts = data
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError, match="cannot write the Omniglot cache .* point FASTMAML_CACHE"):
+        load_omniglot(root, tmp_path / "a-file" / "cache", expected_characters=counts)
+
+
 def test_wrong_number_of_drawings_is_a_clear_error(tmp_path, cache):
     counts = make_omniglot_zips(tmp_path / "data", drawings=19)
     with pytest.raises(OmniglotDataError, match="has 19 drawings, expected 20"):
@@ -239,8 +255,9 @@ def test_official_splits_have_the_papers_sizes_and_are_disjoint():
 
 
 def test_splits_are_deterministic_and_scale_to_small_stores():
-    assert all(torch.equal(a, b) for a, b in zip(omniglot_splits(12, 6, 2).values(), omniglot_splits(12, 6, 2).values()))
     small = omniglot_splits(12, num_train=6, num_val=2)
+    again = omniglot_splits(12, num_train=6, num_val=2)
+    assert all(torch.equal(small[name], again[name]) for name in small)
     assert [len(v) for v in small.values()] == [6, 2, 4]
     assert len(set(torch.cat(list(small.values())).tolist())) == 12
     assert not torch.equal(omniglot_splits(12, 6, 2, seed=2)["train"], small["train"])
@@ -300,15 +317,19 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(tmp_path) -> Iterator[tuple[str, list[str], dict[str, str]]]:
+def server(tmp_path, monkeypatch) -> Iterator[tuple[str, list[str], dict[str, str]]]:
     """An HTTP server on 127.0.0.1 serving the fixture zips: (base url, request log, md5s)."""
+    for name in ("no_proxy", "NO_PROXY"):  # never route the local server through a proxy
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
     served = tmp_path / "served"
     make_omniglot_zips(served / "python")
-    md5 = {p.name: hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest() for p in (served / "python").iterdir()}
+    md5 = {
+        p.name: hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest() for p in (served / "python").iterdir()
+    }
     requests: list[str] = []
     handler = type("Handler", (CountingHandler,), {"requests": requests})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(served)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}/python", requests, md5
@@ -322,14 +343,16 @@ def test_download_fetches_verifies_and_skips_verified_files(server, tmp_path, ca
     url, requests, md5 = server
     paths = download_omniglot(tmp_path / "dl", base_url=url, checksums=md5)
     assert [p.name for p in paths] == ["images_background.zip", "images_evaluation.zip"]
-    assert [hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest() for p in paths] == list(md5.values())
+    assert [hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest() for p in paths] == [
+        md5[p.name] for p in paths
+    ]
     assert len(requests) == 2
     download_omniglot(tmp_path / "dl", base_url=url, checksums=md5)
     assert len(requests) == 2  # both already verified
     paths[1].write_bytes(b"damaged")
     download_omniglot(tmp_path / "dl", base_url=url, checksums=md5)
     assert requests[2:] == ["/python/images_evaluation.zip"]
-    assert load_omniglot(tmp_path / "dl", cache, expected_characters={p.name: None for p in paths}).shape[0] == CLASSES
+    assert load_omniglot(tmp_path / "dl", cache, expected_characters=None).shape[0] == CLASSES
 
 
 def test_download_checksum_mismatch_saves_nothing(server, tmp_path):
@@ -344,8 +367,10 @@ def test_download_reports_an_unreachable_file(server, tmp_path):
     url, _, md5 = server
     with pytest.raises(OmniglotDataError, match="could not download .*/missing/images_background.zip.*404"):
         download_omniglot(tmp_path / "dl", base_url=url.replace("/python", "/missing"), checksums=md5)
+    only_one = {"images_background.zip": md5["images_background.zip"]}
     with pytest.raises(ValueError, match="checksums has no md5 for images_evaluation.zip"):
-        download_omniglot(tmp_path / "dl", base_url=url, checksums={"images_background.zip": md5["images_background.zip"]})
+        download_omniglot(tmp_path / "dl2", base_url=url, checksums=only_one)
+    assert not (tmp_path / "dl2").exists()  # checked before anything is fetched
 
 
 # --- the real zips (skipped where the shared data folder is absent) ---------------------------
@@ -364,9 +389,9 @@ def test_real_zips_have_the_official_counts():
 
 
 @pytest.fixture(scope="module")
-def real_store(tmp_path_factory) -> tuple[torch.Tensor, Path, float]:
-    """The full decode, done once per module into a temporary cache: (store, cache dir, seconds)."""
-    cache = tmp_path_factory.mktemp("omniglot-cache")
+def real_store(real_omniglot_cache) -> tuple[torch.Tensor, Path, float]:
+    """The full decode, done once per session into a temporary cache: (store, cache dir, seconds)."""
+    cache = real_omniglot_cache
     start = time.perf_counter()
     store = load_omniglot(REAL, cache)
     return store, cache, time.perf_counter() - start
@@ -392,5 +417,9 @@ def test_real_task_sources_cover_the_three_splits(real_store):
     sizes = {s: omniglot_tasks(store, s, 20, 1, 19, rotation="classes").num_classes for s in ("train", "val", "test")}
     assert sizes == {"train": 4400, "val": 400, "test": 1692}
     episode = omniglot_tasks(store, "test", 5, 1, 15).sample(2, torch.Generator().manual_seed(0))
-    assert episode.shapes() == {"support_x": (2, 5, 1, 28, 28), "support_y": (2, 5), "query_x": (2, 75, 1, 28, 28),
-                                "query_y": (2, 75)}
+    assert episode.shapes() == {
+        "support_x": (2, 5, 1, 28, 28),
+        "support_y": (2, 5),
+        "query_x": (2, 75, 1, 28, 28),
+        "query_y": (2, 75),
+    }

@@ -40,8 +40,12 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     """Load a checkpoint safely (``weights_only=True``); a missing file names what to do."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train first (fastmaml train CONFIG) or check the run directory")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train first (fastmaml train CONFIG) or check the run directory"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} is unreadable ({error}); delete it to restart from the previous one") from error
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({error}); delete it to restart from the previous one"
+        ) from error

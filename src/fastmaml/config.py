@@ -50,6 +50,8 @@ class ModelConfig:
     """Hidden width of sinusoid_mlp."""
     filters: int = 64
     """Conv filters per block (64 Omniglot, 32 MiniImagenet)."""
+    init: str = "torch"
+    """Initialisation: torch (PyTorch defaults) | paper (the original code's)."""
 
 
 @dataclass
@@ -190,7 +192,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     unknown = set(data) - names
     if unknown:
         key = prefix + sorted(unknown)[0]
-        raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(prefix + n for n in sorted(names))}")
+        valid = ", ".join(prefix + n for n in sorted(names))
+        raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {valid}")
     values = {}
     for name, value in data.items():
         hint = hints[name]

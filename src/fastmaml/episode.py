@@ -28,7 +28,9 @@ class Episode:
             if not isinstance(value, Tensor):
                 raise TypeError(f"Episode.{f.name} must be a torch.Tensor, got {type(value).__name__}")
             if value.dim() < 2:
-                raise ValueError(f"Episode.{f.name} needs a task and an example dimension, got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"Episode.{f.name} needs a task and an example dimension, got shape {tuple(value.shape)}"
+                )
         tasks = {getattr(self, f.name).shape[0] for f in fields(self)}
         if len(tasks) != 1:
             raise ValueError(f"Episode tensors disagree on the number of tasks: {self.shapes()}")

@@ -29,7 +29,7 @@ def is_classification(config: Config) -> bool:
 def build_model(config: Config) -> nn.Module:
     name, ways = config.model.name, config.task.ways
     if name == "sinusoid_mlp":
-        return sinusoid_mlp(config.model.hidden)
+        return sinusoid_mlp(config.model.hidden, config.model.init)
     if name == "conv":
         return ConvNet(ways=ways, in_channels=1, filters=config.model.filters, pool=False, image_size=28)
     if name == "bn_mlp":

@@ -123,18 +123,20 @@ class MAML(nn.Module):
         rule_params = {k: self.rule_params[_escape(k)] for k in params if _escape(k) in self.rule_params}
         return params, buffers, rule_params
 
-    def _check(self, episode: Episode) -> None:
+    def _check(self, *inputs: Tensor) -> None:
+        """Fail where data enters, naming the fix, rather than deep inside vmap."""
         reference = next(self.model.parameters())
-        x = episode.support_x
-        if x.device != reference.device:
-            raise ValueError(f"episode is on {x.device} but the model is on {reference.device}; move one of them")
-        if x.dtype != reference.dtype:
-            raise ValueError(f"episode inputs are {x.dtype} but the model is {reference.dtype}; use episode.to(dtype=...)")
+        for x in inputs:
+            if x.device != reference.device:
+                raise ValueError(f"inputs are on {x.device} but the model is on {reference.device}; move one of them")
+            if x.is_floating_point() and x.dtype != reference.dtype:
+                raise ValueError(f"inputs are {x.dtype} but the model is {reference.dtype}; "
+                                 "convert them (episode.to(dtype=...)) or the model")
 
     # -- public API ---------------------------------------------------------------------
     def meta_loss(self, episode: Episode, steps: int | None = None) -> MetaOutput:
         """Mean query loss over the tasks of ``episode`` after inner adaptation (differentiable)."""
-        self._check(episode)
+        self._check(episode.support_x, episode.query_x)
         steps = self.inner_steps if steps is None else steps
         params, buffers, rule_params = self._state()
         losses, predictions = core.meta_objective(
@@ -155,7 +157,7 @@ class MAML(nn.Module):
 
         ``rule`` overrides the inner rule, e.g. a tuned step size for a pretrained baseline.
         """
-        self._check(episode)
+        self._check(episode.support_x, episode.query_x)
         params, buffers, rule_params = self._state()
         losses, predictions = core.evaluate_trajectory(
             self._forward, params, buffers, rule_params,
@@ -174,6 +176,7 @@ class MAML(nn.Module):
 
         ``rule`` overrides the inner rule (e.g. a tuned test-time step size).
         """
+        self._check(x, y)
         steps = self.inner_steps if steps is None else steps
         params, buffers, rule_params = self._state()
         with torch.no_grad():
@@ -196,7 +199,9 @@ def FOMAML(model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, **kwa
     return MAML(model, inner_lr, inner_steps, first_order=True, **kwargs)
 
 
-def MetaSGD(model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False, **kwargs) -> MAML:
+def MetaSGD(
+    model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False, **kwargs
+) -> MAML:
     """Meta-SGD (Li et al. 2017): a learned inner step size per parameter element."""
     return MAML(model, inner_steps=inner_steps, rule=PerParameterLR(inner_lr, first_order), **kwargs)
 

@@ -73,7 +73,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     run_dir = Path(run_dir)
     cfg = config.train
     if not resume and (run_dir / LAST).exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG)
     device = resolve_device(cfg.device)

@@ -141,7 +141,13 @@ def load_omniglot(
     store = _read_cache(cache)
     if store is None:
         store = decode_omniglot(zips, image_size, antialias, expected_characters)
-        _write_atomic(cache, lambda f: np.save(f, store))
+        try:
+            _write_atomic(cache, lambda f: np.save(f, store))
+        except OSError as exc:
+            raise OSError(
+                f"cannot write the Omniglot cache {cache} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "
+                f"at a writable folder"
+            ) from exc
     _check_total(zips, store.shape[0], expected_characters)
     return torch.from_numpy(store)
 
@@ -171,7 +177,7 @@ def decode_omniglot(
 
 
 def omniglot_splits(
-    num_classes: int = NUM_TRAIN + NUM_VAL + 423,
+    num_classes: int = sum(OMNIGLOT_CHARACTERS.values()),
     num_train: int = NUM_TRAIN,
     num_val: int = NUM_VAL,
     seed: int = SPLIT_SEED,
@@ -239,12 +245,15 @@ def download_omniglot(
     timeout: float = 60.0,
 ) -> list[Path]:
     """Fetch the official zips into ``dest_dir``, verifying each md5; files already verified are kept."""
+    missing = [name for name in OMNIGLOT_ZIPS if name not in checksums]
+    if missing:
+        raise ValueError(
+            f"checksums has no md5 for {', '.join(missing)}; give one for each of {', '.join(OMNIGLOT_ZIPS)}"
+        )
     dest = Path(dest_dir).expanduser()
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in OMNIGLOT_ZIPS:
-        if name not in checksums:
-            raise ValueError(f"checksums has no md5 for {name}; give one for each of {', '.join(OMNIGLOT_ZIPS)}")
         target = dest / name
         if not (target.is_file() and _md5_file(target) == checksums[name].lower()):
             _download(f"{base_url.rstrip('/')}/{name}", target, checksums[name].lower(), timeout)
@@ -330,9 +339,9 @@ def _decode_png(path: Path, archive: zipfile.ZipFile, entry: str, size: int, ant
 
 
 def _check_total(zips: tuple[Path, ...], total: int, expected: Mapping[str, int] | None) -> None:
-    if expected is None:
+    if expected is None or any(p.name not in expected for p in zips):
         return
-    want = sum(expected.get(p.name, 0) for p in zips)
+    want = sum(expected[p.name] for p in zips)
     if total != want:
         raise OmniglotDataError(
             f"the Omniglot store holds {total} characters, expected {want}; the zips "
