@@ -9,6 +9,7 @@ from omniglot_fixture import shared_omniglot_dir
 
 from fastmaml.config import load_config
 from fastmaml.evaluate import evaluate_run
+from fastmaml.plots import plot_episode
 from fastmaml.train import train
 
 REAL = shared_omniglot_dir()
@@ -26,3 +27,7 @@ def test_5way_1shot_learns_well_above_chance(tmp_path: Path, real_omniglot_cache
     accuracy = evaluate_run(tmp_path / "run", "last")["by_shots"]["1"]["accuracy"]["mean"]
     assert accuracy[1] > 0.6, accuracy  # chance is 0.2
     assert accuracy[3] >= accuracy[1] - 0.02, accuracy  # more steps at test do not hurt
+    modern = evaluate_run(tmp_path / "run", "last", ["eval.queries=15", "eval.tasks=50"], name="eval_modern")
+    assert modern["queries"] == 15 and (tmp_path / "run" / "eval_modern.md").exists()
+    assert modern["by_shots"]["1"]["accuracy"]["mean"][1] > 0.6
+    assert plot_episode(tmp_path / "run", tmp_path / "episode.png").stat().st_size > 10_000

@@ -155,3 +155,15 @@ def test_mean_ci95_matches_textbook_formula() -> None:
     assert curve.mean == pytest.approx([4.0, 2.0])
     # sample std of 1,3,5,7 is sqrt(20/3); CI half-width 1.96 * std / sqrt(4)
     assert curve.ci95 == pytest.approx([1.96 * (20 / 3) ** 0.5 / 2, 0.0])
+
+
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FASTMAML_DATA", raising=False)
+    assert cli_main(["demo", "--out", str(tmp_path), "--iterations", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| 5 |") == 2 and "Omniglot skipped" in out
+    for name in ("sinusoid_steps.png", "sinusoid_fits.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    tuned = json.loads((tmp_path / "sinusoid_pretrain" / "eval.json").read_text())["inner_lr"]
+    assert tuned in load_config("sinusoid_pretrain").eval.tune_lr

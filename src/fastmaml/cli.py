@@ -42,10 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run on test tasks (mean and 95%% CI per inner step)")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("overrides", nargs="*", help="eval protocol overrides, e.g. eval.queries=15 eval.tasks=1000")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--tasks", type=int, help="number of test tasks (default eval.tasks)")
     p.add_argument("--steps", type=int, help="max inner steps (default eval.steps)")
     p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--name", default="eval", help="output stem: RUN_DIR/NAME.json and NAME.md")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="write a run's PNG figures")
@@ -92,8 +94,12 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from fastmaml.evaluate import evaluate_run
 
-    evaluate_run(args.run_dir, args.checkpoint, args.tasks, args.steps, args.device)
-    print((args.run_dir / "eval.md").read_text())
+    overrides = list(args.overrides)
+    for key, value in (("eval.tasks", args.tasks), ("eval.steps", args.steps), ("train.device", args.device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    evaluate_run(args.run_dir, args.checkpoint, overrides, args.name)
+    print((args.run_dir / f"{args.name}.md").read_text())
     return 0
 
 
@@ -110,6 +116,8 @@ def _plot(args: argparse.Namespace) -> int:
         written.append(plots.plot_steps(runs, labels, args.run_dir / "eval_steps.png"))
     if load_run_config(args.run_dir).task.name == "sinusoid":
         written.append(plots.plot_sinusoid_fits(runs, labels, args.run_dir / "sinusoid_fits.png"))
+    else:
+        written.append(plots.plot_episode(args.run_dir, args.run_dir / "episode.png"))
     for path in written:
         print(path)
     return 0

@@ -70,16 +70,15 @@ def tune_step_size(learner: MAML, tasks: TaskSource, candidates: list[float], co
     return min(scores, key=scores.__getitem__)
 
 
-def evaluate_run(run_dir: Path, which: str = "best", num_tasks: int | None = None, steps: int | None = None,
-                 device: str | None = None) -> dict[str, Any]:
-    """Evaluate a run's checkpoint for every K in ``eval.shots``; writes eval.json and eval.md."""
+def evaluate_run(run_dir: Path, which: str = "best", overrides: list[str] | None = None,
+                 name: str = "eval") -> dict[str, Any]:
+    """Evaluate a run's checkpoint for every K in ``eval.shots``; writes ``<name>.json`` and ``<name>.md``.
+
+    ``overrides`` (``section.key=value``) change the evaluation protocol without retraining, e.g.
+    ``["eval.queries=15", "eval.tasks=1000"]`` for the modern few-shot protocol.
+    """
     run_dir = Path(run_dir)
-    overrides = [f"train.device={device}"] if device else []
     config = load_run_config(run_dir, overrides)
-    if num_tasks:
-        config.eval.tasks = num_tasks
-    if steps is not None:
-        config.eval.steps = steps
     dev = resolve_device(config.train.device)
     path = run_dir / (BEST if which == "best" else LAST)
     if which == "best" and not path.exists():
@@ -106,8 +105,9 @@ def evaluate_run(run_dir: Path, which: str = "best", num_tasks: int | None = Non
         tasks = build_tasks(config, "test", dev, shots=shots, queries=ev.queries)
         curves = evaluate_tasks(learner, tasks, ev.tasks, ev.steps, ev.batch, ev.seed + shots, dev, rule=rule)
         results["by_shots"][str(shots)] = {k: asdict(v) for k, v in curves.items()}
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    (run_dir / "eval.md").write_text(format_table(results, is_classification(config)))
+    results["queries"] = ev.queries
+    (run_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (run_dir / f"{name}.md").write_text(format_table(results, is_classification(config)))
     return results
 
 
@@ -117,7 +117,8 @@ def format_table(results: dict[str, Any], classification: bool) -> str:
     steps = results["steps"]
     name = "accuracy (%)" if classification else "MSE"
     lines = [
-        f"{results['algorithm']} — {name} on {results['tasks']} test tasks, mean ± 95% CI, "
+        f"{results['algorithm']} — {name} on {results['tasks']} test tasks "
+        f"({results['queries']} query examples per class), mean ± 95% CI, "
         f"inner lr {results['inner_lr']:g}, checkpoint {results['checkpoint']} (step {results['checkpoint_step']})",
         "",
         "| K | " + " | ".join(f"{s} steps" for s in range(steps + 1)) + " |",

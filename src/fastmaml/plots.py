@@ -108,3 +108,48 @@ def plot_sinusoid_fits(run_dirs: list[Path], labels: list[str], out: Path, shots
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+@torch.no_grad()
+def plot_episode(run_dir: Path, out: Path, steps: int | None = None, seed: int = 0, max_queries: int = 3) -> Path:
+    """One test task: the support images with their labels, and query images with the adapted
+    model's predictions (green when right, red when wrong)."""
+    config = load_run_config(run_dir, ["train.device=cpu"])
+    learner = build_learner(config, torch.device("cpu"))
+    path = Path(run_dir) / BEST if (Path(run_dir) / BEST).exists() else Path(run_dir) / LAST
+    learner.load_state_dict(checkpoint.load(path)["learner"])
+    steps = config.eval.steps if steps is None else steps
+    ways, shots = config.task.ways, config.eval.shots[0]
+    tasks = build_tasks(config, "test", torch.device("cpu"), shots=shots, queries=max_queries)
+    episode = tasks.sample(1, torch.Generator().manual_seed(seed))
+    model = learner.adapt(episode.support_x[0], episode.support_y[0], steps=steps)
+    predicted = model(episode.query_x[0]).argmax(-1)
+    columns = shots + max_queries
+    fig, axes = plt.subplots(ways, columns, figsize=(1.1 * columns, 1.2 * ways), squeeze=False)
+    support_by_label = {int(y): [] for y in episode.support_y[0]}
+    for x, y in zip(episode.support_x[0], episode.support_y[0]):
+        support_by_label[int(y)].append(x)
+    query_by_label = {label: [] for label in support_by_label}
+    for x, y, p in zip(episode.query_x[0], episode.query_y[0], predicted):
+        query_by_label[int(y)].append((x, int(p)))
+    for row, label in enumerate(sorted(support_by_label)):
+        for col in range(columns):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < shots:
+                ax.imshow(support_by_label[label][col][0].numpy(), cmap="gray")
+                ax.set_title(f"label {label}", fontsize=7)
+            elif col - shots < len(query_by_label[label]):
+                image, guess = query_by_label[label][col - shots]
+                ax.imshow(image[0].numpy(), cmap="gray")
+                ax.set_title(f"pred {guess}", fontsize=7, color="green" if guess == label else "red")
+            else:
+                ax.axis("off")
+    accuracy = (predicted == episode.query_y[0]).float().mean().item()
+    fig.suptitle(f"{ways}-way {shots}-shot test task: support | queries after {steps} steps "
+                 f"({100 * accuracy:.0f}% right)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
