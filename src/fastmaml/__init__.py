@@ -2,9 +2,26 @@
 
 from fastmaml.core import adapt, evaluate_trajectory, meta_objective, task_objective
 from fastmaml.episode import Episode
-from fastmaml.learners import FOMAML, LSLR, MAML, AdaptedModel, MetaOutput, MetaSGD
+from fastmaml.learners import (
+    ANIL,
+    FOMAML,
+    LSLR,
+    MAML,
+    AdaptedModel,
+    MAMLPlusPlus,
+    MAMLPlusPlusSchedule,
+    MetaOutput,
+    MetaSGD,
+)
 from fastmaml.losses import make_loss
-from fastmaml.models import BatchNormMLP, ConvNet, TaskBatchNorm, convert_batchnorm, sinusoid_mlp
+from fastmaml.models import (
+    BatchNormMLP,
+    ConvNet,
+    TaskBatchNorm,
+    convert_batchnorm,
+    per_step_batchnorm,
+    sinusoid_mlp,
+)
 from fastmaml.rules import SGD, InnerRule, PerLayerPerStepLR, PerParameterLR
 
 __version__ = "0.1.0"
@@ -14,6 +31,9 @@ __all__ = [
     "FOMAML",
     "MetaSGD",
     "LSLR",
+    "ANIL",
+    "MAMLPlusPlus",
+    "MAMLPlusPlusSchedule",
     "AdaptedModel",
     "MetaOutput",
     "Episode",
@@ -28,6 +48,7 @@ __all__ = [
     "make_loss",
     "TaskBatchNorm",
     "convert_batchnorm",
+    "per_step_batchnorm",
     "sinusoid_mlp",
     "ConvNet",
     "BatchNormMLP",

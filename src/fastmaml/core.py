@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fastmaml.context import at_step
 from fastmaml.rules import InnerRule, Params
 
 ForwardFn = Callable[[Params, Params, Tensor], Tensor]
@@ -40,12 +41,19 @@ def adapt(
     rule: InnerRule,
     steps: int,
     fixed: Params | None = None,
+    checkpoint: bool = False,
 ) -> list[Params]:
     """Run ``steps`` inner updates on one task's support set; return the whole trajectory.
 
     The trajectory ``[theta_0, ..., theta_steps]`` lets callers score every step (evaluation
     curves, MAML++'s multi-step loss) from one inner loop. ``fixed`` parameters take part in the
     forward pass but are not adapted (ANIL's body); they still receive meta-gradients.
+
+    ``checkpoint=True`` keeps only each step's parameters for the outer backward and recomputes
+    the step's forward and inner gradient there, so second-order memory grows with the number of
+    steps by one parameter set per step instead of one full activation graph. It uses
+    ``torch.autograd.grad`` inside a custom autograd function, so it runs outside ``vmap``: use it
+    with ``strategy="loop"``.
     """
     frozen = fixed or {}
 
@@ -55,9 +63,67 @@ def adapt(
     support_grad = torch.func.grad(support_loss)
     trajectory = [params]
     for step in range(steps):
-        params = rule.update(params, support_grad(params), rule_params, step)
+        if checkpoint:
+            params = _checkpointed_step(
+                lambda adapted, frozen_now: loss_fn(forward({**frozen_now, **adapted}, buffers, x), y),
+                rule, rule_params, frozen, params, step,
+            )
+        else:
+            with at_step(step):
+                grads = support_grad(params)
+            params = rule.update(params, grads, rule_params, step)
         trajectory.append(params)
     return trajectory
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One inner update that keeps only its inputs; the backward pass recomputes the step.
+
+    Hand-written rather than ``torch.utils.checkpoint``: the step itself runs a backward pass
+    (the inner gradient), and keeping exactly the step's inputs is what bounds the memory.
+    The outer backward is first order in the meta-parameters (enough for optimisers; not for
+    differentiating the meta-gradient again).
+    """
+
+    @staticmethod
+    def forward(ctx, step_fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:  # noqa: ANN001
+        ctx.step_fn = step_fn
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():
+            outputs = step_fn(*(t.detach().requires_grad_(t.requires_grad) for t in inputs), create_graph=False)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outputs = ctx.step_fn(*inputs, create_graph=True)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True))
+        return (None, *(next(grads) if t.requires_grad else None for t in inputs))
+
+
+def _checkpointed_step(
+    support_loss: Callable[[Params, Params], Tensor], rule: InnerRule, rule_params: Params, fixed: Params,
+    params: Params, step: int,
+) -> Params:
+    """One inner update whose activations are recomputed in the outer backward pass."""
+    groups = [list(params), list(rule_params), list(fixed)]
+    sizes = [len(g) for g in groups]
+
+    def step_fn(*values: Tensor, create_graph: bool) -> tuple[Tensor, ...]:
+        current = dict(zip(groups[0], values[: sizes[0]]))
+        rates = dict(zip(groups[1], values[sizes[0] : sizes[0] + sizes[1]]))
+        frozen = dict(zip(groups[2], values[sizes[0] + sizes[1] :]))
+        with at_step(step):
+            loss = support_loss(current, frozen)
+        grads = torch.autograd.grad(loss, list(current.values()), create_graph=create_graph, allow_unused=True)
+        grad_dict = {n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(current.items(), grads)}
+        updated = rule.update(current, grad_dict, rates, step)
+        return tuple(updated[n] for n in groups[0])
+
+    outputs = _RecomputedStep.apply(step_fn, *params.values(), *rule_params.values(), *fixed.values())
+    return dict(zip(groups[0], outputs))
 
 
 def task_objective(
@@ -76,6 +142,7 @@ def task_objective(
     steps: int,
     step_weights: Sequence[float] | None = None,
     adapted_names: Sequence[str] | None = None,
+    checkpoint: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Query loss of one task after adaptation; returns ``(loss, final query prediction)``.
 
@@ -86,20 +153,23 @@ def task_objective(
     inner, fixed = _split(params, adapted_names)
     trajectory = adapt(
         forward, inner, buffers, rule_params, support_x, support_y,
-        loss_fn=inner_loss_fn, rule=rule, steps=steps, fixed=fixed,
+        loss_fn=inner_loss_fn, rule=rule, steps=steps, fixed=fixed, checkpoint=checkpoint,
     )
     if step_weights is not None and len(step_weights) != steps + 1:
         raise ValueError(
             f"step_weights has {len(step_weights)} entries but {steps} inner steps need "
             f"{steps + 1} (one per point of the trajectory, theta_0 included)"
         )
-    prediction = forward({**fixed, **trajectory[-1]}, buffers, query_x)
+    with at_step(steps):
+        prediction = forward({**fixed, **trajectory[-1]}, buffers, query_x)
     loss = outer_loss_fn(prediction, query_y)
     if step_weights is not None:
         loss = step_weights[-1] * loss
-        for weight, point in zip(step_weights[:-1], trajectory[:-1]):
+        for index, (weight, point) in enumerate(zip(step_weights[:-1], trajectory[:-1])):
             if weight:
-                loss = loss + weight * outer_loss_fn(forward({**fixed, **point}, buffers, query_x), query_y)
+                with at_step(index):
+                    query_loss = outer_loss_fn(forward({**fixed, **point}, buffers, query_x), query_y)
+                loss = loss + weight * query_loss
     return loss, prediction
 
 
@@ -124,6 +194,8 @@ def meta_objective(
     ``task_kwargs`` go to :func:`task_objective`.
     """
     task_fn = functools.partial(task_objective, forward, **task_kwargs)
+    if strategy == "vmap" and task_kwargs.get("checkpoint"):
+        raise ValueError("gradient checkpointing of inner steps runs per task: use strategy='loop' with it")
     if strategy == "vmap":
         batched = torch.func.vmap(
             task_fn, in_dims=(None, None, None, 0, 0, 0, 0), chunk_size=chunk_size,
@@ -160,7 +232,11 @@ def evaluate_trajectory(
     def one_task(p, b, r, sx, sy, qx, qy):
         inner, fixed = _split(p, adapted_names)
         trajectory = adapt(forward, inner, b, r, sx, sy, loss_fn=loss_fn, rule=rule, steps=steps, fixed=fixed)
-        predictions = torch.stack([forward({**fixed, **point}, b, qx) for point in trajectory])
+        predictions = []
+        for index, point in enumerate(trajectory):
+            with at_step(index):
+                predictions.append(forward({**fixed, **point}, b, qx))
+        predictions = torch.stack(predictions)
         losses = torch.stack([loss_fn(pred, qy) for pred in predictions])
         return losses, predictions
 

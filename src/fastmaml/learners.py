@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fastmaml import core
 from fastmaml.episode import Episode
 from fastmaml.losses import LossName, Reduction, make_loss
-from fastmaml.models import check_meta_learnable
+from fastmaml.models import TaskBatchNorm, check_meta_learnable, per_step_batchnorm
 from fastmaml.rules import SGD, InnerRule, Params, PerLayerPerStepLR, PerParameterLR
 
 
@@ -74,6 +74,10 @@ class MAML(nn.Module):
         step_weights: MAML++'s multi-step loss weights (``inner_steps + 1`` entries).
         strategy: ``"vmap"`` (batched tasks) or ``"loop"`` (per-task reference).
         chunk_size: tasks per vmapped chunk, to bound memory.
+        checkpoint: recompute each inner step in the outer backward (memory grows far more slowly
+            with the number of steps); needs ``strategy="loop"``.
+        schedule: per-iteration changes of the objective (MAML++'s annealing); the trainer calls
+            :meth:`begin_iteration` before each meta-batch.
     """
 
     def __init__(
@@ -90,6 +94,8 @@ class MAML(nn.Module):
         step_weights: Sequence[float] | None = None,
         strategy: core.Strategy = "vmap",
         chunk_size: int | None = None,
+        checkpoint: bool = False,
+        schedule: MAMLPlusPlusSchedule | None = None,
     ) -> None:
         super().__init__()
         check_meta_learnable(model)
@@ -105,6 +111,10 @@ class MAML(nn.Module):
         self.step_weights = list(step_weights) if step_weights is not None else None
         self.strategy: core.Strategy = strategy
         self.chunk_size = chunk_size
+        if checkpoint and strategy != "loop":
+            raise ValueError("checkpoint=True recomputes inner steps per task: use strategy='loop' with it")
+        self.checkpoint = checkpoint
+        self.schedule = schedule
         adapted = {k: p.detach() for k, p in model.named_parameters() if self._adapts(k)}
         self.rule_params = nn.ParameterDict(
             {_escape(k): nn.Parameter(v.clone()) for k, v in self.rule.init(adapted).items()}
@@ -144,7 +154,8 @@ class MAML(nn.Module):
             episode.support_x, episode.support_y, episode.query_x, episode.query_y,
             strategy=self.strategy, chunk_size=self.chunk_size,
             inner_loss_fn=self.inner_loss_fn, outer_loss_fn=self.outer_loss_fn, rule=self.rule,
-            steps=steps, step_weights=self.step_weights, adapted_names=self.adapted_names,
+            steps=steps, step_weights=self.step_weights if steps == self.inner_steps else None,
+            adapted_names=self.adapted_names, checkpoint=self.checkpoint,
         )
         accuracy = None
         if self.is_classifier:
@@ -193,6 +204,40 @@ class MAML(nn.Module):
         """Switch the derivative order in place (MAML++'s derivative-order annealing)."""
         self.rule = dataclasses.replace(self.rule, first_order=first_order)
 
+    def begin_iteration(self, iteration: int) -> None:
+        """Apply the schedule (if any) for meta-training iteration ``iteration`` (0-based)."""
+        if self.schedule is not None:
+            self.step_weights = self.schedule.step_weights(iteration)
+            if self.rule.first_order != self.schedule.first_order(iteration):
+                self.with_first_order(self.schedule.first_order(iteration))
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMLPlusPlusSchedule:
+    """MAML++'s annealing (Antoniou et al. 2019): multi-step loss and derivative order.
+
+    Multi-step loss: every trajectory point 1..S starts with weight 1/S; over ``msl_iterations``
+    the weights of points 1..S-1 fall linearly to 0.03/S and the final point takes the rest
+    (``msl_iterations=0``: final point only, as MAML). Derivative order: first order for the first
+    ``first_order_iterations`` iterations, second order after.
+    """
+
+    steps: int
+    msl_iterations: int = 0
+    first_order_iterations: int = 0
+
+    def step_weights(self, iteration: int) -> list[float]:
+        """Weights of trajectory points 0..steps (point 0, the unadapted model, gets 0)."""
+        s = self.steps
+        if self.msl_iterations <= 0 or s == 1:
+            return [0.0] * s + [1.0]
+        progress = min(iteration / self.msl_iterations, 1.0)
+        early = (1.0 / s) * (1.0 - progress) + (0.03 / s) * progress
+        return [0.0] + [early] * (s - 1) + [1.0 - early * (s - 1)]
+
+    def first_order(self, iteration: int) -> bool:
+        return iteration < self.first_order_iterations
+
 
 def FOMAML(model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, **kwargs) -> MAML:
     """First-order MAML: the meta-gradient is the query gradient at the adapted parameters."""
@@ -204,6 +249,45 @@ def MetaSGD(
 ) -> MAML:
     """Meta-SGD (Li et al. 2017): a learned inner step size per parameter element."""
     return MAML(model, inner_steps=inner_steps, rule=PerParameterLR(inner_lr, first_order), **kwargs)
+
+
+def ANIL(model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, head: str = "head", **kwargs) -> MAML:
+    """ANIL (Raghu et al. 2020): the inner loop adapts only the head; the body is meta-learned."""
+    names = [n for n, _ in model.named_parameters() if n == head or n.startswith(head + ".")]
+    if not names:
+        available = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})
+        raise ValueError(f"ANIL adapts only the head, but the model has no parameters under {head!r}; "
+                         f"pass head= one of the modules {available}")
+    return MAML(model, inner_lr, inner_steps, adapted_names=names, **kwargs)
+
+
+def MAMLPlusPlus(
+    model: nn.Module,
+    inner_lr: float = 0.1,
+    inner_steps: int = 5,
+    *,
+    msl_iterations: int = 0,
+    first_order_iterations: int = 0,
+    per_step_bn: bool = True,
+    learn_inner_lr: bool = True,
+    **kwargs,
+) -> MAML:
+    """MAML++ (Antoniou et al. 2019) as composition over the same core.
+
+    Learned per-layer per-step inner rates (LSLR), per-step BatchNorm weights (BNWB; BatchNorm is
+    not adapted in the inner loop), multi-step loss and derivative-order annealing (the schedule).
+    The cosine-annealed meta learning rate belongs to the trainer (``train.lr_schedule=cosine``).
+    """
+    if per_step_bn:
+        model = per_step_batchnorm(model, inner_steps + 1)
+    norm = {f"{name}.{p}" if name else p for name, m in model.named_modules() if isinstance(m, TaskBatchNorm)
+            for p in ("weight", "bias")}
+    adapted = [n for n, _ in model.named_parameters() if n not in norm]
+    schedule = MAMLPlusPlusSchedule(inner_steps, msl_iterations, first_order_iterations)
+    rule = PerLayerPerStepLR(inner_lr, inner_steps) if learn_inner_lr else SGD(inner_lr)
+    learner = MAML(model, inner_steps=inner_steps, rule=rule, adapted_names=adapted, schedule=schedule, **kwargs)
+    learner.begin_iteration(0)
+    return learner
 
 
 def LSLR(model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False, **kwargs) -> MAML:

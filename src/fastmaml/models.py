@@ -14,16 +14,27 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from fastmaml.context import current_step
+
 
 class TaskBatchNorm(nn.Module):
-    """BatchNorm over the current batch only (no running statistics), channel dimension 1."""
+    """BatchNorm over the current batch only (no running statistics), channel dimension 1.
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+    ``steps > 1`` gives MAML++'s per-step weights: one (weight, bias) pair per inner-loop
+    trajectory point, chosen by :func:`fastmaml.context.current_step` (points past the last reuse
+    it). Statistics are the current batch's at every step, so they are per step by construction.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, steps: int = 1) -> None:
         super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         self.num_features = num_features
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.steps = steps
+        shape = (num_features,) if steps == 1 else (steps, num_features)
+        self.weight = nn.Parameter(torch.ones(shape)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -34,13 +45,35 @@ class TaskBatchNorm(nn.Module):
         # elementwise ops instead of five, in the forward and in every derivative order.
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
+            weight, bias = self.weight, self.bias
+            if self.steps > 1:
+                index = min(current_step(), self.steps - 1)
+                weight, bias = weight[index], bias[index]
             shape = [1, -1] + [1] * (x.dim() - 2)
-            scale = scale * self.weight.view(shape)
-            return x * scale + (self.bias.view(shape) - mean * scale)
+            scale = scale * weight.view(shape)
+            return x * scale + (bias.view(shape) - mean * scale)
         return x * scale - mean * scale
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}, steps={self.steps}"
+
+
+def per_step_batchnorm(model: nn.Module, steps: int) -> nn.Module:
+    """A copy of ``model`` whose :class:`TaskBatchNorm` layers have ``steps`` weight sets (MAML++).
+
+    Each set starts from the layer's current weights.
+    """
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, TaskBatchNorm) and child.steps == 1:
+                replacement = TaskBatchNorm(child.num_features, child.eps, child.weight is not None, steps)
+                if child.weight is not None:
+                    replacement = replacement.to(device=child.weight.device, dtype=child.weight.dtype)
+                    replacement.weight.data.copy_(child.weight.data.expand(steps, -1))
+                    replacement.bias.data.copy_(child.bias.data.expand(steps, -1))
+                setattr(module, child_name, replacement)
+    return model
 
 
 def convert_batchnorm(model: nn.Module) -> nn.Module:
