@@ -10,13 +10,16 @@ PRESETS = sorted(p.stem for p in PRESET_DIR.rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[f"preset={p}" for p in PRESETS])
-def test_every_preset_loads_and_builds(preset: str) -> None:
-    from fastmaml.experiment import build_model
+def test_every_preset_loads_and_builds_its_learner(preset: str) -> None:
+    import torch
+
+    from fastmaml.experiment import build_learner
 
     config = load_config(preset)
-    assert config.name
-    if config.task.name == "sinusoid":  # data sets are checked by their own tests
-        assert sum(p.numel() for p in build_model(config).parameters()) > 0
+    assert config.name == preset
+    learner = build_learner(config, torch.device("cpu"))  # data sets are checked by their own tests
+    assert sum(p.numel() for p in learner.parameters()) > 0
+    assert learner.inner_steps == (0 if config.meta.algorithm == "pretrain" else config.meta.inner_steps)
 
 
 def test_sinusoid_preset_is_the_papers_setting() -> None:

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class TaskConfig:
     name: str = "sinusoid"
-    """Task family: sinusoid | omniglot."""
+    """Task family: sinusoid | omniglot | miniimagenet."""
     ways: int = 5
     """Classes per task (N); ignored for regression."""
     shots: int = 10
@@ -57,7 +57,7 @@ class ModelConfig:
 @dataclass
 class MetaConfig:
     algorithm: str = "maml"
-    """maml | pretrain (the paper's baseline: one model trained on all tasks, no inner loop)."""
+    """maml | metasgd | anil | mamlpp | pretrain (the paper's baseline: one model, no inner loop)."""
     inner_lr: float = 0.01
     """Inner step size alpha."""
     inner_steps: int = 1
@@ -70,6 +70,16 @@ class MetaConfig:
     """Execution over the tasks of a meta-batch: vmap | loop."""
     chunk_size: int = 0
     """Tasks per vmapped chunk to bound memory (0 = all at once)."""
+    checkpoint: bool = False
+    """Recompute inner steps in the backward pass: memory flat in the number of steps (strategy loop)."""
+    msl_iterations: int = 0
+    """mamlpp: iterations over which the multi-step loss anneals to the final step (0 = final only)."""
+    first_order_iterations: int = 0
+    """mamlpp: iterations of first-order training before second order (derivative-order annealing)."""
+    per_step_bn: bool = True
+    """mamlpp: one BatchNorm weight set per inner step."""
+    learn_inner_lr: bool = True
+    """mamlpp: learned per-layer per-step inner step sizes (LSLR)."""
 
 
 @dataclass
@@ -80,6 +90,10 @@ class TrainConfig:
     """Tasks per meta-batch."""
     outer_lr: float = 0.001
     """Adam learning rate beta."""
+    lr_schedule: str = "constant"
+    """Meta learning-rate schedule: constant | cosine (MAML++: annealed to min_outer_lr)."""
+    min_outer_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
     grad_clip: float = 0.0
     """Clip the meta-gradient norm (0 = off)."""
     seed: int = 0

@@ -13,7 +13,7 @@ from torch import nn
 
 from fastmaml.config import Config, ConfigError
 from fastmaml.episode import Episode
-from fastmaml.learners import MAML
+from fastmaml.learners import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from fastmaml.models import BatchNormMLP, ConvNet, sinusoid_mlp
 from fastmaml.tasks.sinusoid import SinusoidTasks
 
@@ -31,6 +31,8 @@ def build_model(config: Config) -> nn.Module:
     if name == "sinusoid_mlp":
         return sinusoid_mlp(config.model.hidden, config.model.init)
     if name == "conv":
+        if config.task.name == "miniimagenet":  # the paper's MiniImagenet net: max-pool, 84x84 RGB
+            return ConvNet(ways=ways, in_channels=3, filters=config.model.filters, pool=True, image_size=84)
         return ConvNet(ways=ways, in_channels=1, filters=config.model.filters, pool=False, image_size=28)
     if name == "bn_mlp":
         return BatchNormMLP(ways=ways, in_features=28 * 28)
@@ -38,21 +40,33 @@ def build_model(config: Config) -> nn.Module:
 
 
 def build_learner(config: Config, device: torch.device) -> MAML:
+    """The learner the config names; variants are the same learner with another rule or options."""
     meta = config.meta
-    if meta.algorithm not in ("maml", "pretrain"):
-        raise ConfigError(f"unknown meta.algorithm {meta.algorithm!r}; use maml or pretrain")
     if meta.strategy not in ("vmap", "loop"):
         raise ConfigError(f"unknown meta.strategy {meta.strategy!r}; use vmap or loop")
-    learner = MAML(
-        build_model(config),
-        inner_lr=meta.inner_lr,
-        inner_steps=0 if meta.algorithm == "pretrain" else meta.inner_steps,
-        first_order=meta.first_order,
-        loss="cross_entropy" if is_classification(config) else "mse",
-        reduction=meta.reduction,  # type: ignore[arg-type]
-        strategy=meta.strategy,  # type: ignore[arg-type]
-        chunk_size=meta.chunk_size or None,
-    )
+    common = {
+        "loss": "cross_entropy" if is_classification(config) else "mse",
+        "reduction": meta.reduction,
+        "strategy": meta.strategy,
+        "chunk_size": meta.chunk_size or None,
+        "checkpoint": meta.checkpoint,
+    }
+    model = build_model(config)
+    steps = meta.inner_steps
+    if meta.algorithm == "maml":
+        learner = MAML(model, meta.inner_lr, steps, meta.first_order, **common)
+    elif meta.algorithm == "pretrain":
+        learner = MAML(model, meta.inner_lr, 0, **common)
+    elif meta.algorithm == "metasgd":
+        learner = MetaSGD(model, meta.inner_lr, steps, meta.first_order, **common)
+    elif meta.algorithm == "anil":
+        learner = ANIL(model, meta.inner_lr, steps, first_order=meta.first_order, **common)
+    elif meta.algorithm == "mamlpp":
+        learner = MAMLPlusPlus(model, meta.inner_lr, steps, msl_iterations=meta.msl_iterations,
+                               first_order_iterations=meta.first_order_iterations, per_step_bn=meta.per_step_bn,
+                               learn_inner_lr=meta.learn_inner_lr, **common)
+    else:
+        raise ConfigError(f"unknown meta.algorithm {meta.algorithm!r}; use maml, metasgd, anil, mamlpp or pretrain")
     return learner.to(device)
 
 
@@ -68,7 +82,11 @@ def build_tasks(config: Config, split: str, device: torch.device, shots: int | N
         from fastmaml.tasks.omniglot import build_omniglot_tasks
 
         return build_omniglot_tasks(task, split, shots=shots, queries=queries, device=device)
-    raise ConfigError(f"unknown task.name {task.name!r}; use sinusoid or omniglot")
+    if task.name == "miniimagenet":
+        from fastmaml.tasks.miniimagenet import build_miniimagenet_tasks
+
+        return build_miniimagenet_tasks(task, split, shots=shots, queries=queries, device=device)
+    raise ConfigError(f"unknown task.name {task.name!r}; use sinusoid, omniglot or miniimagenet")
 
 
 def resolve_device(name: str) -> torch.device:
