@@ -58,8 +58,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fastmaml.storage import resolve_cache_dir, write_atomic
 from fastmaml.tasks.episodes import EpisodeSampler
-from fastmaml.tasks.omniglot import _write_atomic, resolve_cache_dir
 
 if TYPE_CHECKING:
     from fastmaml.config import TaskConfig
@@ -178,7 +178,7 @@ def load_miniimagenet(
     if store is None:
         store = decode_miniimagenet(source, workers)
         try:
-            _write_atomic(cache, lambda f: np.save(f, store))
+            write_atomic(cache, lambda f: np.save(f, store))
         except OSError as exc:
             raise OSError(
                 f"cannot write the MiniImagenet cache {cache} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "

@@ -25,12 +25,11 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fastmaml.storage import resolve_cache_dir, write_atomic
 from fastmaml.tasks.episodes import EpisodeSampler
 
 if TYPE_CHECKING:
@@ -85,13 +85,6 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
             f"where DIR holds {' and '.join(OMNIGLOT_ZIPS)}; get them with `{DOWNLOAD_HINT}`"
         )
     return Path(env).expanduser()
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``FASTMAML_CACHE``, else ``~/.cache/fastmaml``."""
-    if cache_dir is not None and str(cache_dir) != "":
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("FASTMAML_CACHE") or Path.home() / ".cache" / "fastmaml").expanduser()
 
 
 def find_omniglot_zips(root: str | os.PathLike[str]) -> tuple[Path, ...]:
@@ -142,7 +135,7 @@ def load_omniglot(
     if store is None:
         store = decode_omniglot(zips, image_size, antialias, expected_characters)
         try:
-            _write_atomic(cache, lambda f: np.save(f, store))
+            write_atomic(cache, lambda f: np.save(f, store))
         except OSError as exc:
             raise OSError(
                 f"cannot write the Omniglot cache {cache} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "
@@ -373,21 +366,6 @@ def _read_cache(path: Path) -> np.ndarray | None:
     return store if store.dtype == np.uint8 and store.ndim == 4 else None
 
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
-    """Write via a temp file in the same folder and ``os.replace``, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 # --- download ---------------------------------------------------------------------------------
 
 
@@ -423,4 +401,4 @@ def _download(url: str, target: Path, md5: str, timeout: float) -> None:
                 f"Retry; if the official file has changed, pass the new checksums"
             )
 
-    _write_atomic(target, write)
+    write_atomic(target, write)
