@@ -31,12 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmaml", description="Model-Agnostic Meta-Learning, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="meta-train from a YAML preset or file")
+    p = sub.add_parser("train", help="meta-train from a YAML preset or file (data-parallel under torchrun)",
+                       description="Meta-train. Under torchrun (torchrun --nproc_per_node=N -m fastmaml.cli train ...) "
+                       "each process trains on meta_batch/N tasks and the meta-gradients are averaged; "
+                       "see docs/distributed.md.")
     p.add_argument("config", nargs="?", help="preset name (e.g. sinusoid) or YAML path; omit with --resume")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=1000")
     p.add_argument("--run-dir", type=Path, help="output directory (default runs/<name>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
-    p.add_argument("--device", help="cpu | cuda (overrides train.device)")
+    p.add_argument("--device", help="cpu | cuda (overrides train.device; under torchrun cuda is cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -87,7 +90,8 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         run_dir = args.run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(config, run_dir, resume=args.resume is not None, progress=not args.no_progress)
-    print(f"trained {result['step']} iterations; run directory: {run_dir}")
+    if result["rank"] == 0:  # under torchrun, one report for the job
+        print(f"trained {result['step']} iterations on {result['world_size']} process(es); run directory: {run_dir}")
     return 0
 
 

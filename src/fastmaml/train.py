@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmaml import checkpoint
+from fastmaml import checkpoint, distributed
 from fastmaml.config import Config, load_config, save_config
 from fastmaml.episode import Episode
 from fastmaml.experiment import TaskSource, build_learner, build_tasks, is_classification, resolve_device
@@ -69,60 +69,113 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Meta-train ``config`` into ``run_dir``; with ``resume``, continue from ``run_dir/last.pt``."""
+    """Meta-train ``config`` into ``run_dir``; with ``resume``, continue from ``run_dir/last.pt``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank trains on its shard of the meta-batch and the
+    meta-gradients are averaged (:mod:`fastmaml.distributed`); rank 0 alone writes the run directory.
+    """
     run_dir = Path(run_dir)
     cfg = config.train
-    if not resume and (run_dir / LAST).exists():
+    ctx = distributed.from_env()
+    local_batch = distributed.shard_size(cfg.meta_batch, ctx.world_size)
+    device = ctx.device(resolve_device(cfg.device))
+    ctx.start(device)
+    try:
+        return _train(config, run_dir, resume, progress, ctx, local_batch, device)
+    finally:
+        ctx.close()
+
+
+def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, world_size: int) -> dict[str, Any] | None:
+    """Rank 0: refuse to overwrite a run, load the checkpoint to resume from, save the config."""
+    state = None
+    if resume:
+        state = checkpoint.load(run_dir / LAST, map_location="cpu")
+        saved = state.get("world_size", 1)
+        if saved != world_size:
+            raise ValueError(
+                f"{run_dir / LAST} was trained by {saved} process(es) but this run has {world_size}: each rank has "
+                f"its own task stream, so only the same world size continues it exactly. Resume with {saved} "
+                "process(es) (torchrun --nproc_per_node x --nnodes; plain `fastmaml train --resume` for 1), "
+                "or start a new run."
+            )
+    elif (run_dir / LAST).exists():
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG)
-    device = resolve_device(cfg.device)
+    return state
+
+
+def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: distributed.DistContext,
+           local_batch: int, device: torch.device) -> dict[str, Any]:
+    cfg = config.train
+    state = ctx.run_on_main(lambda: _prepare_run_dir(config, run_dir, resume, ctx.world_size))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
     torch.manual_seed(cfg.seed)
     learner = build_learner(config, device)
+    ctx.broadcast_module(learner)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
-    task_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    task_rng = torch.Generator(device=device).manual_seed(distributed.task_seed(cfg.seed, ctx.rank))
     train_tasks = build_tasks(config, "train", device)
     classification = is_classification(config)
     val_episodes: list[Episode] = []
-    if cfg.val_every:
+    if cfg.val_every and ctx.is_main:
         val_tasks = build_tasks(config, "val", device)
         val_episodes = sample_validation(val_tasks, cfg.val_tasks, config.eval.batch, cfg.seed + 2, device)
 
     step, best, window = 0, None, [0.0, 0.0, 0]
-    if resume:
-        state = checkpoint.load(run_dir / LAST, map_location=device)
+    if state is not None:
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
-        task_rng.set_state(state["task_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        mine = state["rank_rng"][ctx.rank] if "rank_rng" in state else state
+        task_rng.set_state(mine["task_rng"])
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
         step, best, window = state["step"], state["best"], list(state["window"])
+        del state
 
-    def snapshot() -> dict[str, Any]:
-        state = {
-            "step": step, "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "task_rng": task_rng.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
-            "window": list(window), "config": config.to_dict(),
-        }
+    def rng_states() -> dict[str, torch.Tensor]:
+        states = {"task_rng": task_rng.get_state(), "torch_rng": torch.get_rng_state()}
         if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        return state
+            states["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return states
 
-    log = RunLog(run_dir, resume_step=step if resume else None)
-    bar = tqdm(total=cfg.iterations, initial=step, disable=not progress, dynamic_ncols=True, desc=config.name)
+    def snapshot() -> dict[str, Any] | None:
+        """The checkpoint (on rank 0; ``None`` elsewhere); a collective: every rank must call it."""
+        ctx.check_replicas(learner, step)
+        ranks = ctx.all_gather_object(rng_states())
+        if not ctx.is_main:
+            return None
+        last = {
+            "step": step, "learner": learner.state_dict(), "optimizer": optimizer.state_dict(), **ranks[0],
+            "best": best, "window": list(window), "config": config.to_dict(), "world_size": ctx.world_size,
+        }
+        if ctx.enabled:
+            last["rank_rng"] = ranks
+        return last
+
+    log = RunLog(run_dir, resume_step=step if resume else None) if ctx.is_main else None
+    bar = tqdm(total=cfg.iterations, initial=step, disable=not (progress and ctx.is_main), dynamic_ncols=True,
+               desc=config.name)
+    params = [p for p in learner.parameters() if p.requires_grad]
     tick, tick_step = time.perf_counter(), step
     try:
         while step < cfg.iterations:
-            episode = train_tasks.sample(cfg.meta_batch, task_rng)
+            episode = train_tasks.sample(local_batch, task_rng)
             out = learner.meta_loss(episode)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if ctx.enabled:  # global means: the gradient and loss of the whole meta-batch
+                scalars = [out.loss] if out.accuracy is None else [out.loss, out.accuracy]
+                reduced = ctx.average_gradients([p for p in params if p.grad is not None], scalars)
+                loss, accuracy = reduced[0], (reduced[1] if out.accuracy is not None else 0.0)
+            else:
+                loss = out.loss.item()
+                accuracy = out.accuracy.item() if out.accuracy is not None else 0.0
             grad_norm = _grad_norm(learner, cfg.grad_clip)
-            loss = out.loss.item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(
                     f"meta-loss {loss} / meta-gradient norm {grad_norm} at iteration {step + 1}: training stopped. "
@@ -132,7 +185,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             optimizer.step()
             step += 1
             window[0] += loss
-            window[1] += out.accuracy.item() if out.accuracy is not None else 0.0
+            window[1] += accuracy
             window[2] += 1
             bar.update(1)
 
@@ -142,27 +195,34 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 record = {"loss": window[0] / window[2], "tasks_per_s": rate}
                 if classification:
                     record["accuracy"] = window[1] / window[2]
-                log.write(step, **record)
+                if log is not None:
+                    log.write(step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}", tasks_s=f"{rate:.0f}")
                 tick, tick_step, window = now, step, [0.0, 0.0, 0]
 
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
-                metrics = validate(learner, val_episodes)
-                log.write(step, **metrics)
-                if is_better(metrics, best, classification):
-                    best = metrics["val_accuracy"] if classification else metrics["val_loss"]
-                    checkpoint.save_atomic({"step": step, "learner": learner.state_dict(), "metrics": metrics},
-                                           run_dir / BEST)
+                if ctx.is_main:  # the other ranks wait for rank 0 in the broadcast of ``best``
+                    metrics = validate(learner, val_episodes)
+                    log.write(step, **metrics)
+                    if is_better(metrics, best, classification):
+                        best = metrics["val_accuracy"] if classification else metrics["val_loss"]
+                        checkpoint.save_atomic({"step": step, "learner": learner.state_dict(), "metrics": metrics},
+                                               run_dir / BEST)
+                best = ctx.broadcast_object(best)
 
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-                checkpoint.save_atomic(snapshot(), run_dir / LAST)
+                last = snapshot()
+                if last is not None:
+                    checkpoint.save_atomic(last, run_dir / LAST)
     except TrainingDiverged as error:
-        log.write(step, event="diverged", message=str(error))
+        if log is not None:
+            log.write(step, event="diverged", message=str(error))
         raise
     finally:
         bar.close()
-        log.close()
-    return {"step": step, "best": best, "run_dir": str(run_dir)}
+        if log is not None:
+            log.close()
+    return {"step": step, "best": best, "run_dir": str(run_dir), "rank": ctx.rank, "world_size": ctx.world_size}
 
 
 def _grad_norm(learner: MAML, clip: float) -> float:
