@@ -167,3 +167,46 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, capsys: pytest.Ca
         assert (tmp_path / name).stat().st_size > 10_000
     tuned = json.loads((tmp_path / "sinusoid_pretrain" / "eval.json").read_text())["inner_lr"]
     assert tuned in load_config("sinusoid_pretrain").eval.tune_lr
+
+
+def test_mamlpp_run_anneals_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAML++ through the trainer: schedule applied, cosine meta-lr reaches its floor, resume is exact."""
+    overrides = [*QUICK, "train.iterations=40", "train.val_every=0", "train.checkpoint_every=20",
+                 "train.log_every=10", "meta.algorithm=mamlpp", "meta.inner_steps=2", "meta.msl_iterations=20",
+                 "meta.first_order_iterations=10", "train.lr_schedule=cosine", "train.min_outer_lr=1e-5"]
+    train(load_config("sinusoid", overrides), tmp_path / "full", progress=False)
+    state = checkpoint.load(tmp_path / "full" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+    assert any(k.startswith("rule_params.") for k in state["learner"])  # learned per-step rates
+    lrs = [r["outer_lr"] for r in read_metrics(tmp_path / "full") if "outer_lr" in r]
+    assert lrs == sorted(lrs, reverse=True) and len(lrs) == 4
+
+    import fastmaml.train as train_module
+
+    real_build = train_module.build_tasks
+
+    class CrashAfter:
+        """A task source that dies on its 26th meta-batch (after the checkpoint at iteration 20)."""
+
+        def __init__(self, source) -> None:
+            self.source, self.calls = source, 0
+
+        def sample(self, num_tasks, generator):
+            self.calls += 1
+            if self.calls > 25:
+                raise KeyboardInterrupt
+            return self.source.sample(num_tasks, generator)
+
+    monkeypatch.setattr(train_module, "build_tasks", lambda *a, **k: CrashAfter(real_build(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config("sinusoid", overrides), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_module, "build_tasks", real_build)
+    train(load_config("sinusoid", overrides), tmp_path / "resumed", resume=True, progress=False)
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")
+
+
+def test_unknown_lr_schedule_is_named(tmp_path: Path) -> None:
+    from fastmaml.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr_schedule 'linear'"):
+        train(load_config("sinusoid", [*QUICK, "train.lr_schedule=linear"]), tmp_path / "r", progress=False)

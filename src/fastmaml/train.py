@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fastmaml import checkpoint, distributed
-from fastmaml.config import Config, load_config, save_config
+from fastmaml.config import Config, ConfigError, TrainConfig, load_config, save_config
 from fastmaml.episode import Episode
 from fastmaml.experiment import TaskSource, build_learner, build_tasks, is_classification, resolve_device
 from fastmaml.learners import MAML
@@ -117,6 +117,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
     learner = build_learner(config, device)
     ctx.broadcast_module(learner)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.outer_lr)
+    scheduler = _lr_schedule(optimizer, cfg)
     task_rng = torch.Generator(device=device).manual_seed(distributed.task_seed(cfg.seed, ctx.rank))
     train_tasks = build_tasks(config, "train", device)
     classification = is_classification(config)
@@ -129,6 +130,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
     if state is not None:
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         mine = state["rank_rng"][ctx.rank] if "rank_rng" in state else state
         task_rng.set_state(mine["task_rng"])
         torch.set_rng_state(mine["torch_rng"])
@@ -155,6 +158,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
         }
         if ctx.enabled:
             last["rank_rng"] = ranks
+        if scheduler is not None:
+            last["scheduler"] = scheduler.state_dict()
         return last
 
     log = RunLog(run_dir, resume_step=step if resume else None) if ctx.is_main else None
@@ -164,6 +169,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
     tick, tick_step = time.perf_counter(), step
     try:
         while step < cfg.iterations:
+            learner.begin_iteration(step)  # e.g. MAML++'s annealed multi-step loss and derivative order
             episode = train_tasks.sample(local_batch, task_rng)
             out = learner.meta_loss(episode)
             optimizer.zero_grad(set_to_none=True)
@@ -183,6 +189,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
                     "meta.inner_lr, or set train.grad_clip, then resume or restart."
                 )
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             window[0] += loss
             window[1] += accuracy
@@ -195,6 +203,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
                 record = {"loss": window[0] / window[2], "tasks_per_s": rate}
                 if classification:
                     record["accuracy"] = window[1] / window[2]
+                if scheduler is not None:
+                    record["outer_lr"] = optimizer.param_groups[0]["lr"]
                 if log is not None:
                     log.write(step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}", tasks_s=f"{rate:.0f}")
@@ -223,6 +233,15 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
         if log is not None:
             log.close()
     return {"step": step, "best": best, "run_dir": str(run_dir), "rank": ctx.rank, "world_size": ctx.world_size}
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The meta learning-rate schedule: constant (MAML) or cosine-annealed (MAML++)."""
+    if cfg.lr_schedule == "constant":
+        return None
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iterations, eta_min=cfg.min_outer_lr)
+    raise ConfigError(f"unknown train.lr_schedule {cfg.lr_schedule!r}; use constant or cosine")
 
 
 def _grad_norm(learner: MAML, clip: float) -> float:
