@@ -57,17 +57,14 @@ def adapt(
     """
     frozen = fixed or {}
 
-    def support_loss(adapted: Params) -> Tensor:
-        return loss_fn(forward({**frozen, **adapted}, buffers, x), y)
+    def support_loss(adapted: Params, held: Params = frozen) -> Tensor:
+        return loss_fn(forward({**held, **adapted}, buffers, x), y)
 
     support_grad = torch.func.grad(support_loss)
     trajectory = [params]
     for step in range(steps):
         if checkpoint:
-            params = _checkpointed_step(
-                lambda adapted, frozen_now: loss_fn(forward({**frozen_now, **adapted}, buffers, x), y),
-                rule, rule_params, frozen, params, step,
-            )
+            params = _checkpointed_step(support_loss, rule, rule_params, frozen, params, step)
         else:
             with at_step(step):
                 grads = support_grad(params)
