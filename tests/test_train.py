@@ -160,6 +160,7 @@ def test_mean_ci95_matches_textbook_formula() -> None:
 def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FASTMAML_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./data or ../shared/data here: the Omniglot part is skipped
     assert cli_main(["demo", "--out", str(tmp_path), "--iterations", "200"]) == 0
     out = capsys.readouterr().out
     assert out.count("| 5 |") == 2 and "Omniglot skipped" in out

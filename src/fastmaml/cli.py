@@ -181,13 +181,18 @@ def _demo_omniglot(args: argparse.Namespace, out: Path) -> None:
     from fastmaml.tasks.omniglot import OmniglotDataError, find_omniglot_zips
     from fastmaml.train import train
 
-    root = args.data_root or os.environ.get("FASTMAML_DATA")
-    try:
-        if not root:
-            raise OmniglotDataError("no data root given")
-        find_omniglot_zips(root)
-    except (OmniglotDataError, FileNotFoundError) as error:
-        print(f"== Omniglot skipped ({error}); give --data-root DIR or FASTMAML_DATA=DIR with the official zips")
+    candidates = [args.data_root, os.environ.get("FASTMAML_DATA"), "data", "../shared/data"]
+    root = None
+    for candidate in filter(None, candidates):
+        try:
+            find_omniglot_zips(candidate)
+        except (OmniglotDataError, FileNotFoundError):
+            continue
+        root = candidate
+        break
+    if root is None:
+        print("== Omniglot skipped (no official zips in --data-root, FASTMAML_DATA, ./data or ../shared/data); "
+              "give --data-root DIR with images_background.zip and images_evaluation.zip")
         return
     run_dir = out / "omniglot_5way1shot"
     config = load_config("omniglot_5way1shot", [
