@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through a temp file in the same folder, fsync, ``os.replace``, fsync the folder.
@@ -38,3 +40,17 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     if cache_dir is not None and str(cache_dir) != "":
         return Path(cache_dir).expanduser()
     return Path(os.environ.get("FASTMAML_CACHE") or Path.home() / ".cache" / "fastmaml").expanduser()
+
+
+def read_cached_array(path: Path, valid: Callable[[np.ndarray], bool]) -> np.ndarray | None:
+    """The array cached at ``path``, or ``None`` if it is absent, unreadable or not ``valid``.
+
+    A broken cache is rebuilt by the caller, never trusted.
+    """
+    if not Path(path).is_file():
+        return None
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return array if valid(array) else None

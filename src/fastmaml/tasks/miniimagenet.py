@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fastmaml.storage import resolve_cache_dir, write_atomic
+from fastmaml.storage import read_cached_array, resolve_cache_dir, write_atomic
 from fastmaml.tasks.episodes import EpisodeSampler
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def load_miniimagenet(
     source = find_miniimagenet(resolve_data_root(root), split, layout)
     key = _csv_key(source) if source.layout == "csv" else _pickle_key(source)
     cache = resolve_cache_dir(cache_dir) / f"miniimagenet-{split}-{IMAGE_SIZE}px-{_RESAMPLE}-{source.layout}-{key}.npy"
-    store = _read_cache(cache)
+    store = read_cached_array(cache, _valid_store)
     if store is None:
         store = decode_miniimagenet(source, workers)
         try:
@@ -417,13 +417,6 @@ def _decode_pickle(path: Path) -> np.ndarray:
 # --- cache ------------------------------------------------------------------------------------
 
 
-def _read_cache(path: Path) -> np.ndarray | None:
-    """The cached store, or ``None`` if absent or unreadable (a broken cache is rebuilt, not trusted)."""
-    if not path.is_file():
-        return None
-    try:
-        store = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    ok = store.dtype == np.uint8 and store.ndim == 5 and store.shape[2:] == (3, IMAGE_SIZE, IMAGE_SIZE)
-    return store if ok else None
+def _valid_store(array: np.ndarray) -> bool:
+    """Whether a cached array has the store's dtype and layout."""
+    return array.dtype == np.uint8 and array.ndim == 5 and array.shape[2:] == (3, IMAGE_SIZE, IMAGE_SIZE)

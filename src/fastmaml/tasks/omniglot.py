@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fastmaml.storage import resolve_cache_dir, write_atomic
+from fastmaml.storage import read_cached_array, resolve_cache_dir, write_atomic
 from fastmaml.tasks.episodes import EpisodeSampler
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def load_omniglot(
     """
     zips = find_omniglot_zips(resolve_data_root(root))
     cache = resolve_cache_dir(cache_dir) / _cache_name(zips, image_size, antialias)
-    store = _read_cache(cache)
+    store = read_cached_array(cache, _valid_store)
     if store is None:
         store = decode_omniglot(zips, image_size, antialias, expected_characters)
         try:
@@ -355,17 +355,6 @@ def _cache_name(zips: tuple[Path, ...], image_size: int, antialias: bool) -> str
     return f"omniglot-{image_size}px-{resample}-{key.hexdigest()[:20]}.npy"
 
 
-def _read_cache(path: Path) -> np.ndarray | None:
-    """The cached store, or ``None`` if absent or unreadable (a broken cache is rebuilt, not trusted)."""
-    if not path.is_file():
-        return None
-    try:
-        store = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    return store if store.dtype == np.uint8 and store.ndim == 4 else None
-
-
 # --- download ---------------------------------------------------------------------------------
 
 
@@ -402,3 +391,8 @@ def _download(url: str, target: Path, md5: str, timeout: float) -> None:
             )
 
     write_atomic(target, write)
+
+
+def _valid_store(array: np.ndarray) -> bool:
+    """Whether a cached array has the store's dtype and layout."""
+    return array.dtype == np.uint8 and array.ndim == 4
