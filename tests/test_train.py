@@ -211,3 +211,12 @@ def test_unknown_lr_schedule_is_named(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="train.lr_schedule 'linear'"):
         train(load_config("sinusoid", [*QUICK, "train.lr_schedule=linear"]), tmp_path / "r", progress=False)
+
+
+def test_backward_chunks_train_like_one_backward(tmp_path: Path) -> None:
+    base = [*QUICK, "train.iterations=60", "train.val_every=0", "train.checkpoint_every=60"]
+    train(load_config("sinusoid", base), tmp_path / "whole", progress=False)
+    train(load_config("sinusoid", [*base, "meta.backward_chunk=3"]), tmp_path / "chunked", progress=False)
+    whole, chunked = _losses(tmp_path / "whole"), _losses(tmp_path / "chunked")
+    assert [s for s, _ in whole] == [s for s, _ in chunked]
+    assert [v for _, v in chunked] == pytest.approx([v for _, v in whole], rel=1e-4)

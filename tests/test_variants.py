@@ -134,3 +134,20 @@ def test_per_step_batchnorm_uses_the_weights_of_the_current_step() -> None:
     for step, scale in ((0, 1.0), (1, 2.0), (2, 3.0), (7, 3.0)):
         with at_step(step):
             torch.testing.assert_close(layer(x), scale * normalised)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"], ids=lambda s: f"strategy={s}")
+@pytest.mark.parametrize("chunk", [1, 2, 5], ids=lambda c: f"chunk={c}")
+def test_backward_in_chunks_gives_the_meta_batch_gradient(strategy: str, chunk: int) -> None:
+    torch.manual_seed(0)
+    learner = fastmaml.MAML(tiny_conv().double(), 0.3, 2, loss="cross_entropy", strategy=strategy)
+    ep = episode(tasks=5)
+    reference_out = learner.meta_loss(ep)
+    reference = meta_grads(learner, ep)
+    learner.zero_grad(set_to_none=True)
+    out = learner.backward_in_chunks(ep, chunk)
+    chunked = {n: p.grad.clone() for n, p in learner.named_parameters()}
+    assert rel_err(chunked, reference) < 1e-12
+    torch.testing.assert_close(out.loss, reference_out.loss.detach())
+    torch.testing.assert_close(out.accuracy, reference_out.accuracy)
+    assert out.task_losses.shape == (5,)

@@ -70,6 +70,9 @@ class MetaConfig:
     """Execution over the tasks of a meta-batch: vmap | loop."""
     chunk_size: int = 0
     """Tasks per vmapped chunk to bound memory (0 = all at once)."""
+    backward_chunk: int = 0
+    """Backpropagate the meta-batch this many tasks at a time (0 = all at once): same gradient, the
+    peak memory of one chunk's graph."""
     checkpoint: bool = False
     """Recompute inner steps in the backward pass: memory flat in the number of steps (strategy loop)."""
     msl_iterations: int = 0

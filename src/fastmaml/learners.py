@@ -162,6 +162,28 @@ class MAML(nn.Module):
             accuracy = (predictions.detach().argmax(-1) == episode.query_y).float().mean()
         return MetaOutput(losses.mean(), losses.detach(), accuracy)
 
+    def backward_in_chunks(self, episode: Episode, chunk: int, steps: int | None = None) -> MetaOutput:
+        """Backpropagate the meta-loss ``chunk`` tasks at a time; returns the (detached) result.
+
+        The gradients equal ``meta_loss(episode).loss.backward()``, but only one chunk's graph is
+        alive at once, so peak memory is that of ``chunk`` tasks, not the whole meta-batch (what
+        per-task libraries get by calling backward per task). Gradients accumulate into ``.grad``.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        total = episode.num_tasks
+        task_losses, correct = [], []
+        for start in range(0, total, chunk):
+            part = episode.task(slice(start, start + chunk))
+            out = self.meta_loss(part, steps)
+            (out.loss * (part.num_tasks / total)).backward()
+            task_losses.append(out.task_losses)
+            if out.accuracy is not None:
+                correct.append(out.accuracy * part.num_tasks)
+        losses = torch.cat(task_losses)
+        accuracy = torch.stack(correct).sum() / total if correct else None
+        return MetaOutput(losses.mean(), losses, accuracy)
+
     @torch.no_grad()
     def evaluate(self, episode: Episode, steps: int, rule: InnerRule | None = None) -> tuple[Tensor, Tensor | None]:
         """Query loss (and accuracy for classifiers) per task after 0..steps updates: ``[T, steps+1]``.

@@ -171,9 +171,12 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
         while step < cfg.iterations:
             learner.begin_iteration(step)  # e.g. MAML++'s annealed multi-step loss and derivative order
             episode = train_tasks.sample(local_batch, task_rng)
-            out = learner.meta_loss(episode)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            if config.meta.backward_chunk:
+                out = learner.backward_in_chunks(episode, config.meta.backward_chunk)
+            else:
+                out = learner.meta_loss(episode)
+                out.loss.backward()
             if ctx.enabled:  # global means: the gradient and loss of the whole meta-batch
                 scalars = [out.loss] if out.accuracy is None else [out.loss, out.accuracy]
                 reduced = ctx.average_gradients([p for p in params if p.grad is not None], scalars)
