@@ -18,9 +18,9 @@ CONFIGS = [("vmap", 0), ("vmap", 4), ("loop", 0), ("loop", 1)]
 
 def measure(strategy: str, chunk: int) -> dict:
     import torch
+    from memory_vs_steps import peak_rss_mib
 
     import fastmaml
-    from memory_vs_steps import peak_rss_mib
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
