@@ -54,3 +54,19 @@ def read_cached_array(path: Path, valid: Callable[[np.ndarray], bool]) -> np.nda
     except (OSError, ValueError, EOFError):
         return None
     return array if valid(array) else None
+
+
+def cached_array(path: Path, valid: Callable[[np.ndarray], bool], build: Callable[[], np.ndarray],
+                 what: str) -> np.ndarray:
+    """The array cached at ``path``; built by ``build`` and cached atomically when absent or broken."""
+    array = read_cached_array(path, valid)
+    if array is None:
+        array = build()
+        try:
+            write_atomic(path, lambda f: np.save(f, array))
+        except OSError as exc:
+            raise OSError(
+                f"cannot write the {what} cache {path} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "
+                f"at a writable folder"
+            ) from exc
+    return array

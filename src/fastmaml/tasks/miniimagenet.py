@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fastmaml.storage import read_cached_array, resolve_cache_dir, write_atomic
+from fastmaml.storage import cached_array, resolve_cache_dir
 from fastmaml.tasks.episodes import EpisodeSampler
 
 if TYPE_CHECKING:
@@ -174,16 +174,7 @@ def load_miniimagenet(
     source = find_miniimagenet(resolve_data_root(root), split, layout)
     key = _csv_key(source) if source.layout == "csv" else _pickle_key(source)
     cache = resolve_cache_dir(cache_dir) / f"miniimagenet-{split}-{IMAGE_SIZE}px-{_RESAMPLE}-{source.layout}-{key}.npy"
-    store = read_cached_array(cache, _valid_store)
-    if store is None:
-        store = decode_miniimagenet(source, workers)
-        try:
-            write_atomic(cache, lambda f: np.save(f, store))
-        except OSError as exc:
-            raise OSError(
-                f"cannot write the MiniImagenet cache {cache} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "
-                f"at a writable folder"
-            ) from exc
+    store = cached_array(cache, _valid_store, lambda: decode_miniimagenet(source, workers), "MiniImagenet")
     return torch.from_numpy(store)
 
 

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fastmaml.storage import read_cached_array, resolve_cache_dir, write_atomic
+from fastmaml.storage import cached_array, resolve_cache_dir, write_atomic
 from fastmaml.tasks.episodes import EpisodeSampler
 
 if TYPE_CHECKING:
@@ -131,16 +131,9 @@ def load_omniglot(
     """
     zips = find_omniglot_zips(resolve_data_root(root))
     cache = resolve_cache_dir(cache_dir) / _cache_name(zips, image_size, antialias)
-    store = read_cached_array(cache, _valid_store)
-    if store is None:
-        store = decode_omniglot(zips, image_size, antialias, expected_characters)
-        try:
-            write_atomic(cache, lambda f: np.save(f, store))
-        except OSError as exc:
-            raise OSError(
-                f"cannot write the Omniglot cache {cache} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "
-                f"at a writable folder"
-            ) from exc
+    store = cached_array(
+        cache, _valid_store, lambda: decode_omniglot(zips, image_size, antialias, expected_characters), "Omniglot"
+    )
     _check_total(zips, store.shape[0], expected_characters)
     return torch.from_numpy(store)
 
