@@ -1,0 +1,1 @@
+"""Meta-reinforcement-learning environments and tools (MAML section 5.3)."""
