@@ -6,7 +6,7 @@ import pytest
 
 from fastmaml.config import PRESET_DIR, ConfigError, load_config
 
-PRESETS = sorted(p.stem for p in PRESET_DIR.rglob("*.yaml"))
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))  # supervised; configs/rl/ in test_rl_runner
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[f"preset={p}" for p in PRESETS])

@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run on test tasks (mean and 95%% CI per inner step)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("overrides", nargs="*", help="eval protocol overrides, e.g. eval.queries=15 eval.tasks=1000")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--checkpoint", choices=["best", "last", "init"], default="best",
+                   help="best (by meta-validation; meta-RL runs: last), last, or init (meta-RL: the initial "
+                   "policy, the paper's random-initialisation baseline)")
     p.add_argument("--tasks", type=int, help="number of test tasks (default eval.tasks)")
     p.add_argument("--steps", type=int, help="max inner steps (default eval.steps)")
     p.add_argument("--device", help="cpu | cuda")
@@ -73,12 +75,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_rl(config_or_run: str | Path | None, run_dir: bool = False) -> bool:
+    """Whether a preset/YAML (or a run directory's saved config) describes a meta-RL run."""
+    from fastmaml.config import read_yaml
+    from fastmaml.rl.config import is_rl_config
+
+    if config_or_run is None:
+        return False
+    path = Path(config_or_run) / "config.yaml" if run_dir else config_or_run
+    if run_dir and not path.is_file():
+        return False
+    return is_rl_config(read_yaml(str(path))[0])
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastmaml.train import load_run_config, train
 
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if _is_rl(args.resume, run_dir=True) or (not args.resume and _is_rl(args.config)):
+        return _train_rl(args, overrides)
     if args.resume:
         if args.config:
             overrides.insert(0, args.config)  # with --resume every positional is an override
@@ -95,6 +112,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_rl(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmaml.rl.config import load_rl_config
+    from fastmaml.rl.runner import load_run_rl_config, train_rl
+
+    if args.resume:
+        if args.config:
+            overrides.insert(0, args.config)
+        config, run_dir = load_run_rl_config(args.resume, overrides), args.resume
+    else:
+        config = load_rl_config(args.config, overrides)
+        run_dir = args.run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train_rl(config, run_dir, resume=args.resume is not None, progress=not args.no_progress)
+    print(f"trained {result['iteration']} meta-iterations; run directory: {run_dir}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from fastmaml.evaluate import evaluate_run
 
@@ -102,7 +135,14 @@ def _eval(args: argparse.Namespace) -> int:
     for key, value in (("eval.tasks", args.tasks), ("eval.steps", args.steps), ("train.device", args.device)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    evaluate_run(args.run_dir, args.checkpoint, overrides, args.name)
+    if _is_rl(args.run_dir, run_dir=True):
+        from fastmaml.rl.runner import evaluate_rl_run
+
+        evaluate_rl_run(args.run_dir, args.checkpoint, overrides, args.name)
+    else:
+        if args.checkpoint == "init":
+            raise ValueError("--checkpoint init exists for meta-RL runs only (the initial policy baseline)")
+        evaluate_run(args.run_dir, args.checkpoint, overrides, args.name)
     print((args.run_dir / f"{args.name}.md").read_text())
     return 0
 
@@ -112,6 +152,8 @@ def _plot(args: argparse.Namespace) -> int:
     from fastmaml.train import load_run_config
 
     runs = [args.run_dir, *args.compare]
+    if _is_rl(args.run_dir, run_dir=True):
+        return _plot_rl(args, runs)
     labels = args.labels or [load_run_config(r).meta.algorithm for r in runs]
     if len(labels) != len(runs):
         raise ValueError(f"--labels needs {len(runs)} labels, one per run")
@@ -123,6 +165,24 @@ def _plot(args: argparse.Namespace) -> int:
     else:
         written.append(plots.plot_episode(args.run_dir, args.run_dir / "episode.png"))
     for path in written:
+        print(path)
+    return 0
+
+
+def _plot_rl(args: argparse.Namespace, runs: list[Path]) -> int:
+    """Figure 5 of the paper: return vs policy-gradient steps, one curve per ``--compare`` result.
+
+    Each entry is a run directory (its ``eval.json``) or an evaluation JSON file itself (e.g. a run's
+    ``eval_init.json`` for the random-initialisation baseline).
+    """
+    from fastmaml import plots
+
+    results = [r if r.suffix == ".json" else r / "eval.json" for r in runs]
+    labels = args.labels or [r.parent.name if r.suffix == ".json" else r.name for r in runs]
+    if len(labels) != len(results):
+        raise ValueError(f"--labels needs {len(results)} labels, one per run")
+    for path in (plots.plot_rl_learning_curves(args.run_dir),
+                 plots.plot_rl_adaptation(results, labels, args.run_dir / "return_vs_steps.png")):
         print(path)
     return 0
 

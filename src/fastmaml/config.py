@@ -157,27 +157,41 @@ def resolve_preset(name_or_path: str) -> Path:
     preset = PRESET_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if preset.is_file():
         return preset
-    available = sorted(p.stem for p in PRESET_DIR.rglob("*.yaml"))
+    available = sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {', '.join(available)}")
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Load a YAML preset or file, then apply ``section.key=value`` overrides."""
-    path = resolve_preset(name_or_path)
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data, path = read_yaml(name_or_path)
     config = from_dict(data, source=str(path))
     return apply_overrides(config, overrides or [])
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    return build_config(Config, data, source)
+
+
+def build_config(root: type, data: dict[str, Any], source: str = "config") -> Any:
+    """Build the config dataclass ``root`` from nested dicts, naming any unknown key or bad value."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    return _build(Config, data, prefix="", source=source)
+    return _build(root, data, prefix="", source=source)
 
 
-def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    data = config.to_dict()
+def read_yaml(name_or_path: str) -> tuple[dict[str, Any], Path]:
+    """The mapping in a preset or YAML file, and the file it came from."""
+    path = resolve_preset(name_or_path)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data, path
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    """``section.key=value`` overrides on any config dataclass (supervised :class:`Config` or RL)."""
+    data = dataclasses.asdict(config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.iterations=1000")
@@ -186,21 +200,21 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section ({_sections()})")
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section ({_sections(config)})")
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key {key!r}; valid keys there: {', '.join(node)}")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return from_dict(data, source="overrides")
+    return build_config(type(config), data, source="overrides")
 
 
-def save_config(config: Config, path: Path) -> None:
+def save_config(config: Any, path: Path) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
 
 
-def _sections() -> str:
-    return ", ".join(f.name for f in dataclasses.fields(Config) if f.name != "name")
+def _sections(config: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(config) if f.name != "name")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:

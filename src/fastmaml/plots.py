@@ -153,3 +153,41 @@ def plot_episode(run_dir: Path, out: Path, steps: int | None = None, seed: int =
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_rl_learning_curves(run_dir: Path) -> Path:
+    """Average return before and after the inner step(s) per meta-iteration of a meta-RL run."""
+    records = read_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [r["pre_return"] for r in records], label="pre-update")
+    ax.plot(steps, [r["post_return"] for r in records], label="post-update")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("average return")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = Path(run_dir) / "learning_curves.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_rl_adaptation(results: list[Path], labels: list[str], out: Path) -> Path:
+    """The paper's Figure 5: average return vs number of policy-gradient steps, with 95% CIs."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for path, label in zip(results, labels):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} missing: run `fastmaml eval` on that run first")
+        curve = json.loads(Path(path).read_text())["return"]
+        xs = list(range(len(curve["mean"])))
+        ax.errorbar(xs, curve["mean"], yerr=curve["ci95"], marker="o", capsize=3, label=label)
+    ax.set_xlabel("number of gradient steps")
+    ax.set_ylabel("average return")
+    ax.set_xticks(xs)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

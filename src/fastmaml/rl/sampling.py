@@ -9,30 +9,14 @@ machine this beats worker processes, which would only add pickling and contentio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastmaml.rl import policies
+from fastmaml.rl.envs import BatchEnv
 from fastmaml.rules import Params
-
-
-class BatchEnv(Protocol):
-    """What the sampler needs from an environment family (see :mod:`fastmaml.rl.envs`)."""
-
-    observation_dim: int
-    action_dim: int
-    horizon: int
-
-    def sample_tasks(self, rng: np.random.Generator, n: int) -> np.ndarray: ...
-
-    def set_tasks(self, tasks: np.ndarray) -> None: ...
-
-    def reset(self, rng: np.random.Generator) -> np.ndarray: ...
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 @dataclass

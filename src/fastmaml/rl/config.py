@@ -1,0 +1,152 @@
+"""Typed configuration of a meta-RL run (same YAML, overrides and error messages as supervised runs).
+
+A YAML file with a top-level ``env`` section is an RL config; everything else is supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastmaml.config import ConfigError, apply_overrides, build_config, read_yaml
+
+ENVS = ("navigation2d", "halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_dir")
+
+
+@dataclass
+class EnvSection:
+    name: str = "navigation2d"
+    """navigation2d | halfcheetah_vel | halfcheetah_dir | ant_vel | ant_dir."""
+    frame_skip: int = 0
+    """MuJoCo simulator steps per action (0 = gymnasium's 5; 1 = the original code's time step)."""
+    squared_distance: bool = False
+    """navigation2d: reward minus the squared distance (the paper's text) instead of the distance (its code)."""
+
+
+@dataclass
+class PolicySection:
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    """Hidden layer sizes of the Gaussian MLP policy (the paper: 2 x 100)."""
+    nonlinearity: str = "relu"
+    """relu (the paper) | tanh."""
+    init_std: float = 1.0
+    """Initial action standard deviation (state-independent, learned)."""
+
+
+@dataclass
+class RLMetaSection:
+    algorithm: str = "maml"
+    """maml | pretrain (TRPO on the mixture of tasks, no inner step: the paper's pretrained baseline)."""
+    inner_lr: float = 0.1
+    """Inner policy-gradient step size alpha."""
+    inner_steps: int = 1
+    """Inner steps in meta-training (each resamples with the policy adapted so far)."""
+    first_order: bool = False
+    """Drop the inner step's second derivatives in the meta-gradient."""
+    estimator: str = "reinforce"
+    """Inner loss: reinforce (the paper) | lvc (ProMP's low-variance curvature)."""
+    gamma: float = 0.99
+    """Discount factor."""
+
+
+@dataclass
+class OuterSection:
+    method: str = "trpo"
+    """trpo (the paper) | ppo (first-order-friendly clipped surrogate with Adam, ProMP style)."""
+    max_kl: float = 0.01
+    """TRPO trust region: mean KL of the adapted policies from the sampling ones."""
+    cg_iterations: int = 10
+    """Conjugate-gradient iterations."""
+    cg_damping: float = 1e-5
+    """Damping added to the Fisher-vector product."""
+    hvp: str = "exact"
+    """Fisher-vector product: exact (double backward) | finite-difference (the original) | first-order."""
+    fd_eps: float = 1e-5
+    """finite-difference: base step (divided by the vector's norm)."""
+    backtracks: int = 15
+    """Line-search trials."""
+    backtrack_ratio: float = 0.8
+    """Line-search shrink factor."""
+    ppo_clip: float = 0.2
+    """ppo: ratio clip."""
+    ppo_epochs: int = 5
+    """ppo: Adam steps per meta-iteration."""
+    ppo_lr: float = 0.001
+    """ppo: Adam learning rate."""
+
+
+@dataclass
+class RLTrainSection:
+    iterations: int = 100
+    """Meta-iterations (outer updates)."""
+    meta_batch: int = 20
+    """Tasks per meta-iteration."""
+    rollouts: int = 20
+    """Episodes per task per sampling phase."""
+    seed: int = 0
+    """Seed of the initial policy, the task stream and all sampling noise."""
+    device: str = "cpu"
+    """cpu | cuda (the policy and the meta-step; environments step on the CPU)."""
+    threads: int = 1
+    """torch CPU threads."""
+    checkpoint_every: int = 10
+    """Meta-iterations between checkpoints (one is always written at the end)."""
+
+
+@dataclass
+class RLEvalSection:
+    tasks: int = 40
+    """Test tasks (the paper: 40), fixed by ``seed``."""
+    steps: int = 3
+    """Report returns after 0..steps policy-gradient steps."""
+    rollouts: int = 20
+    """Episodes per task per step."""
+    later_lr_scale: float = 0.5
+    """Step size of steps 2+ relative to alpha (the paper: alpha, then alpha / 2)."""
+    seed: int = 1234
+    """Seed of the test tasks and their sampling."""
+
+
+@dataclass
+class RLConfig:
+    name: str = "navigation2d"
+    """Experiment name (run directory prefix)."""
+    env: EnvSection = field(default_factory=EnvSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    meta: RLMetaSection = field(default_factory=RLMetaSection)
+    outer: OuterSection = field(default_factory=OuterSection)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    eval: RLEvalSection = field(default_factory=RLEvalSection)
+
+
+CHOICES = {
+    "env.name": ENVS,
+    "policy.nonlinearity": ("relu", "tanh"),
+    "meta.algorithm": ("maml", "pretrain"),
+    "meta.estimator": ("reinforce", "lvc"),
+    "outer.method": ("trpo", "ppo"),
+    "outer.hvp": ("exact", "finite-difference", "first-order"),
+}
+
+
+def is_rl_config(data: dict[str, Any]) -> bool:
+    return "env" in data
+
+
+def validate(config: RLConfig) -> RLConfig:
+    """Reject values outside their choices, naming the key and the valid values."""
+    for key, valid in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in valid:
+            raise ConfigError(f"config key {key!r} is {value!r}; valid: {', '.join(valid)}")
+    if config.meta.inner_steps < 0 or (config.meta.algorithm == "maml" and config.meta.inner_steps == 0):
+        raise ConfigError("meta.inner_steps must be >= 1 for maml (use meta.algorithm=pretrain for none)")
+    return config
+
+
+def load_rl_config(name_or_path: str, overrides: list[str] | None = None) -> RLConfig:
+    data, path = read_yaml(name_or_path)
+    if not is_rl_config(data):
+        raise ConfigError(f"{path} has no 'env' section: it is not a meta-RL config")
+    return validate(apply_overrides(build_config(RLConfig, data, source=str(path)), overrides or []))
