@@ -18,7 +18,7 @@ import torch
 
 from fastmaml.rl import baselines, metarl, policies
 from fastmaml.rl.config import load_rl_config
-from fastmaml.rl.runner import build_env, inner_settings, outer_settings
+from fastmaml.rl.runner import build_env, inner_settings
 from fastmaml.rl.sampling import sample
 
 
@@ -26,7 +26,7 @@ def time_meta_iteration(name: str, iterations: int, meta_batch: int | None, roll
                         hvp: str) -> dict[str, float]:
     config = load_rl_config(f"rl/{name}", [f"outer.hvp={hvp}"])
     env = build_env(config)
-    settings, outer = inner_settings(config), outer_settings(config)
+    settings, outer = inner_settings(config), config.outer
     tasks_per_batch = meta_batch or config.train.meta_batch
     episodes = rollouts or config.train.rollouts
     rng = np.random.default_rng(0)

@@ -216,3 +216,16 @@ def test_trpo_step_improves_the_surrogate_within_the_trust_region() -> None:
     assert -loss.item() > stats["surrogate_before"]
     assert 0 < kl.item() <= 0.01
     assert kl.item() > 0.001  # the step uses the trust region, not a vanishing fraction of it
+
+
+def test_ppo_step_improves_the_clipped_surrogate() -> None:
+    settings = SETTINGS["1step"]
+    theta = _theta()
+    meta = _meta_batch(theta, settings)
+    outer = metarl.OuterSettings(method="ppo", ppo_epochs=5, ppo_lr=1e-2)
+    before, _ = metarl.surrogate_and_kl(theta, meta, settings, OBS, clip=0.2)
+    state: dict = {}
+    new_theta, stats = metarl.ppo_step(theta, meta, settings, outer, OBS, state)
+    after, kl = metarl.surrogate_and_kl(new_theta, meta, settings, OBS, clip=0.2)
+    assert after.item() < before.item() and kl.item() > 0
+    assert state["state"]  # Adam's moments, for the checkpoint

@@ -64,6 +64,19 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         runner.train_rl(load_rl_config(NAV, TINY), tmp_path / "a", progress=False)
 
 
+def test_ppo_outer_step_resumes_exactly_with_its_optimizer_state(tmp_path: Path) -> None:
+    ppo = [*TINY, "outer.method=ppo", "meta.first_order=true"]
+    runner.train_rl(load_rl_config(NAV, [*ppo, "train.iterations=3"]), tmp_path / "a", progress=False)
+    runner.train_rl(load_rl_config(NAV, [*ppo, "train.iterations=2"]), tmp_path / "b", progress=False)
+    runner.train_rl(runner.load_run_rl_config(tmp_path / "b", ["train.iterations=3"]), tmp_path / "b", resume=True,
+                    progress=False)
+    a, b = (checkpoint.load(tmp_path / r / "last.pt") for r in ("a", "b"))
+    assert a["ppo"]["state"] and a["iteration"] == b["iteration"] == 3
+    for name in a["theta"]:
+        torch.testing.assert_close(a["theta"][name], b["theta"][name], rtol=0, atol=0)
+    assert _record(tmp_path / "a") == _record(tmp_path / "b")
+
+
 def test_non_finite_returns_stop_the_run_and_keep_the_checkpoint(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     real_collect = metarl.collect

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastmaml.config import ConfigError, apply_overrides, build_config, read_yaml
+from fastmaml.rl.metarl import OuterSettings
 
 ENVS = ("navigation2d", "halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_dir")
 
@@ -49,30 +50,8 @@ class RLMetaSection:
     """Discount factor."""
 
 
-@dataclass
-class OuterSection:
-    method: str = "trpo"
-    """trpo (the paper) | ppo (first-order-friendly clipped surrogate with Adam, ProMP style)."""
-    max_kl: float = 0.01
-    """TRPO trust region: mean KL of the adapted policies from the sampling ones."""
-    cg_iterations: int = 10
-    """Conjugate-gradient iterations."""
-    cg_damping: float = 1e-5
-    """Damping added to the Fisher-vector product."""
-    hvp: str = "exact"
-    """Fisher-vector product: exact (double backward) | finite-difference (the original) | first-order."""
-    fd_eps: float = 1e-5
-    """finite-difference: base step (divided by the vector's norm)."""
-    backtracks: int = 15
-    """Line-search trials."""
-    backtrack_ratio: float = 0.8
-    """Line-search shrink factor."""
-    ppo_clip: float = 0.2
-    """ppo: ratio clip."""
-    ppo_epochs: int = 5
-    """ppo: Adam steps per meta-iteration."""
-    ppo_lr: float = 0.001
-    """ppo: Adam learning rate."""
+OuterSection = OuterSettings
+"""The outer step's settings are the config section itself (one definition, in metarl)."""
 
 
 @dataclass

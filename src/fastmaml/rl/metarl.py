@@ -213,19 +213,30 @@ def fisher_vector_product(theta: Params, meta: MetaBatch, settings: InnerSetting
 
 @dataclass
 class OuterSettings:
-    """The outer (meta) update."""
+    """The outer (meta) update; also the ``outer`` section of an RL config."""
 
     method: str = "trpo"
-    """trpo | ppo (first-order clipped surrogate with Adam)."""
+    """trpo (the paper) | ppo (first-order-friendly clipped surrogate with Adam, ProMP style)."""
     max_kl: float = 0.01
+    """TRPO trust region: mean KL of the adapted policies from the sampling ones."""
     cg_iterations: int = 10
+    """Conjugate-gradient iterations."""
     cg_damping: float = 1e-5
+    """Damping added to the Fisher-vector product."""
     hvp: str = "exact"
+    """Fisher-vector product: exact (double backward) | finite-difference (the original) | first-order."""
     fd_eps: float = 1e-5
+    """finite-difference: base step (divided by the vector's norm)."""
     backtracks: int = 15
+    """Line-search trials."""
     backtrack_ratio: float = 0.8
+    """Line-search shrink factor."""
     ppo_clip: float = 0.2
+    """ppo: ratio clip."""
     ppo_epochs: int = 5
+    """ppo: Adam steps per meta-iteration."""
+    ppo_lr: float = 0.001
+    """ppo: Adam learning rate."""
 
 
 def trpo_step(theta: Params, meta: MetaBatch, settings: InnerSettings, outer: OuterSettings,
@@ -256,10 +267,13 @@ def trpo_step(theta: Params, meta: MetaBatch, settings: InnerSettings, outer: Ou
 
 
 def ppo_step(theta: Params, meta: MetaBatch, settings: InnerSettings, outer: OuterSettings, obs_dim: int,
-             optimizer_state: dict, lr: float) -> tuple[Params, dict[str, float]]:
-    """First-order-friendly outer step: a few Adam epochs on the clipped surrogate (ProMP style)."""
+             optimizer_state: dict) -> tuple[Params, dict[str, float]]:
+    """First-order-friendly outer step: a few Adam epochs on the clipped surrogate (ProMP style).
+
+    ``optimizer_state`` (Adam's moments) is updated in place so the caller can checkpoint it.
+    """
     params = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    optimizer = torch.optim.Adam(list(params.values()), lr=outer.ppo_lr)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     loss = kl = torch.tensor(math.nan)

@@ -49,13 +49,6 @@ def inner_settings(config: RLConfig, evaluation: bool = False) -> metarl.InnerSe
                                 gamma=config.meta.gamma, nonlinearity=config.policy.nonlinearity)
 
 
-def outer_settings(config: RLConfig) -> metarl.OuterSettings:
-    o = config.outer
-    return metarl.OuterSettings(method=o.method, max_kl=o.max_kl, cg_iterations=o.cg_iterations,
-                                cg_damping=o.cg_damping, hvp=o.hvp, fd_eps=o.fd_eps, backtracks=o.backtracks,
-                                backtrack_ratio=o.backtrack_ratio, ppo_clip=o.ppo_clip, ppo_epochs=o.ppo_epochs)
-
-
 def load_run_rl_config(run_dir: Path, overrides: list[str] | None = None) -> RLConfig:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -71,7 +64,7 @@ def train_rl(config: RLConfig, run_dir: Path, resume: bool = False, progress: bo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = build_env(config)
-    settings, outer = inner_settings(config), outer_settings(config)
+    settings, outer = inner_settings(config), config.outer
     if resume:
         state = checkpoint.load(run_dir / LAST)
         theta = {k: v.to(device) for k, v in state["theta"].items()}
@@ -107,8 +100,7 @@ def train_rl(config: RLConfig, run_dir: Path, resume: bool = False, progress: bo
             if outer.method == "trpo":
                 new_theta, stats = metarl.trpo_step(theta, meta, settings, outer, env.observation_dim)
             else:
-                new_theta, stats = metarl.ppo_step(theta, meta, settings, outer, env.observation_dim, ppo_state,
-                                                   config.outer.ppo_lr)
+                new_theta, stats = metarl.ppo_step(theta, meta, settings, outer, env.observation_dim, ppo_state)
             finished = time.perf_counter()
             returns = meta.returns
             if not all(math.isfinite(r) for r in returns) or not all(torch.isfinite(v).all() for v in
