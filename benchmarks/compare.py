@@ -34,7 +34,11 @@ of ``loss / T`` per task, which frees each task's graph before the next):
 - ``higher``: ``higher.innerloop_ctx(model, SGD(lr), copy_initial_weights=False)``; first order
   detaches the inner gradients through ``grad_callback``.
 
-fastmaml's two strategies build the whole meta-batch's graph and call ``backward`` once.
+``fastmaml vmap`` and ``fastmaml loop`` build the whole meta-batch's graph and call ``backward``
+once. ``fastmaml auto`` is the default, ``strategy="auto"``: the plan ``MAML.plan`` picks (on CPU:
+vmap for the MLP, vmap in chunks of 8 tasks each backpropagated inside ``meta_loss`` for the Omniglot
+conv net, the loop for MiniImagenet). ``fastmaml compile`` is ``MAML(..., compile=True)``, run only on
+cases with ``Case.compile`` (sinusoid), after two untimed compiling steps.
 
 With ``--threads`` above 1 on a machine that other jobs share, set ``OMP_WAIT_POLICY=PASSIVE``:
 torch's OpenMP threads otherwise spin at every barrier waiting for a descheduled sibling, and a
@@ -101,6 +105,9 @@ class Case:
     takes seconds and first-call costs are noise."""
     check_tasks: int | None = None
     """Tasks of the meta-batch used by the float64 gradient check (``None``: all)."""
+    compile: bool = False
+    """Run ``fastmaml compile`` (``MAML(..., compile=True)``) on this case; compiling costs ~30 s on
+    2 CPU cores for the MLP, minutes for the conv nets, so only where it was measured."""
 
     @property
     def loss(self) -> str:
@@ -128,7 +135,8 @@ CASES = {
     case.name: case
     for case in [
         Case("sinusoid", "sinusoid: MLP 1-40-40-1, T=25, K=10/10, 1 step, 2nd order",
-             tasks=25, shots=10, queries=10, steps=1, lr=0.01, first_order=False, rounds=15, repeat=10, warmup=10),
+             tasks=25, shots=10, queries=10, steps=1, lr=0.01, first_order=False, rounds=15, repeat=10, warmup=10,
+             compile=True),
         Case("omniglot-5w1s", "Omniglot 5-way 1-shot: ConvNet-64, T=32, 1 query/class, 1 step, 2nd order",
              tasks=32, shots=1, queries=1, steps=1, lr=0.4, first_order=False, ways=5, rounds=7, warmup=1),
         Case("omniglot-5w1s-q15", "Omniglot 5-way 1-shot, 15 queries/class: T=32, 1 step, 2nd order",
@@ -240,13 +248,14 @@ class Impl:
     note: str = ""
 
 
-def impl_fastmaml(case: Case, model: nn.Module, strategy: str) -> Impl:
-    learner = fastmaml.MAML(model, case.lr, case.steps, case.first_order, loss=case.loss, strategy=strategy)
+def impl_fastmaml(case: Case, model: nn.Module, strategy: str, compile: bool = False) -> Impl:
+    learner = fastmaml.MAML(model, case.lr, case.steps, case.first_order, loss=case.loss, strategy=strategy,
+                            compile=compile)
 
     def meta_grad(episode: fastmaml.Episode) -> None:
         learner.meta_loss(episode).loss.backward()
 
-    return Impl(f"fastmaml {strategy}", list(learner.parameters()), meta_grad)
+    return Impl("fastmaml compile" if compile else f"fastmaml {strategy}", list(learner.parameters()), meta_grad)
 
 
 def impl_torch_func_loop(case: Case, model: nn.Module) -> Impl:
@@ -360,10 +369,15 @@ class Libraries(dict):
         return self[key]
 
 
-IMPL_NAMES = ["fastmaml vmap", "fastmaml loop", "torch.func loop", "learn2learn", "higher"]
+IMPL_NAMES = ["fastmaml auto", "fastmaml vmap", "fastmaml loop", "fastmaml compile", "torch.func loop", "learn2learn",
+              "higher"]
 
 
 def build(case: Case, which: str, model: nn.Module, libs: dict) -> Impl:
+    if which == "fastmaml auto":
+        return impl_fastmaml(case, model, "auto")
+    if which == "fastmaml compile":
+        return impl_fastmaml(case, model, "auto", compile=True)
     if which == "fastmaml vmap":
         return impl_fastmaml(case, model, "vmap")
     if which == "fastmaml loop":
@@ -526,6 +540,8 @@ def memory_worker(args: argparse.Namespace) -> None:
     case_name, name = args.memory_worker
     libs = Libraries(args.learn2learn)  # imports only what this implementation needs
     step, _ = make_step(CASES[case_name], name, libs, "cpu")
+    if name == "fastmaml compile":
+        step()  # compile first: the compiler's own memory is not the step's
     gc.collect()
     method = "ru_maxrss"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -681,12 +697,15 @@ def main(argv: list[str] | None = None) -> None:
         case = CASES[case_name]
         print(f"\n== {case.title}", flush=True)
         case_start = time.perf_counter()
-        errors = {} if args.no_check else check_gradients(case, names, libs, args.device, args.tolerance)
+        case_names = [n for n in names if n != "fastmaml compile" or case.compile]
+        errors = {} if args.no_check else check_gradients(case, case_names, libs, args.device, args.tolerance)
         rounds = args.rounds or case.rounds
         warmup = case.warmup if args.warmup is None else args.warmup
-        samples = time_case(case, names, libs, args.device, rounds, warmup)
+        if "fastmaml compile" in case_names:
+            warmup = max(warmup, 2)  # the first call compiles
+        samples = time_case(case, case_names, libs, args.device, rounds, warmup)
         impls = {}
-        for name in names:
+        for name in case_names:
             label = reference_name if name == "learn2learn" else name
             ms = [s * 1e3 for s in samples[name][0]]
             cpu_ms = [s * 1e3 for s in samples[name][1]]
@@ -694,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
                             "cpu_ms_median": statistics.median(cpu_ms), "cpu_ms": cpu_ms,
                             "grad_rel_err": errors.get(name)}
         if not args.no_memory:
-            for name in names:
+            for name in case_names:
                 label = reference_name if name == "learn2learn" else name
                 if args.device.startswith("cuda"):
                     impls[label]["peak_mib"] = peak_memory_cuda(case, name, libs, args.device, args.memory_steps)

@@ -66,8 +66,9 @@ class MetaConfig:
     """First-order MAML (drop second derivatives)."""
     reduction: str = "mean"
     """Inner-loss scale: mean (PyTorch) | sum_over_classes (the original TensorFlow code)."""
-    strategy: str = "vmap"
-    """Execution over the tasks of a meta-batch: vmap | loop."""
+    strategy: str = "auto"
+    """Execution over the tasks of a meta-batch: auto (per model, data shape and device; see
+    fastmaml.core.choose_strategy) | vmap | loop."""
     chunk_size: int = 0
     """Tasks per vmapped chunk to bound memory (0 = all at once)."""
     backward_chunk: int = 0
@@ -75,6 +76,8 @@ class MetaConfig:
     peak memory of one chunk's graph."""
     checkpoint: bool = False
     """Recompute inner steps in the backward pass: memory flat in the number of steps (strategy loop)."""
+    compile: bool = False
+    """torch.compile the vmapped meta-objective (first iteration compiles; not with per-step BatchNorm)."""
     msl_iterations: int = 0
     """mamlpp: iterations over which the multi-step loss anneals to the final step (0 = final only)."""
     first_order_iterations: int = 0

@@ -12,6 +12,8 @@ for the outer ``backward``. First order is a stop-gradient inside the inner rule
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -19,14 +21,90 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastmaml.context import at_step
+from fastmaml import context
 from fastmaml.rules import InnerRule, Params
 
 ForwardFn = Callable[[Params, Params, Tensor], Tensor]
 """``forward(params, buffers, x) -> prediction`` for ONE task (no task dimension)."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss(prediction, target) -> scalar``."""
-Strategy = Literal["vmap", "loop"]
+Strategy = Literal["auto", "vmap", "loop"]
+"""How a meta-batch runs: ``"vmap"`` (tasks batched), ``"loop"`` (task by task) or ``"auto"``
+(chosen per model, data shape and device by :func:`choose_strategy`)."""
+
+
+def at_step(step: int) -> contextlib.AbstractContextManager[None]:
+    """:func:`fastmaml.context.at_step`, except while ``torch.compile`` traces (TorchDynamo cannot
+    trace ``ContextVar.set``); compiled learners refuse models with per-step layers instead."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return context.at_step(step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one meta-batch runs: the per-task execution and how many tasks share one backward pass."""
+
+    strategy: Literal["vmap", "loop"]
+    backward_chunk: int | None = None
+    """Tasks per backward pass (their graph is freed before the next chunk's is built); ``None``:
+    the whole meta-batch in one graph."""
+
+
+AUTO_CHUNK_INPUT_NUMEL = 2**18
+"""Most input elements (support + query examples of all its tasks) per vmapped chunk of a conv
+net on CPU; a task larger than this runs alone, in the loop."""
+
+
+def choose_strategy(
+    device_type: str, has_conv: bool, tasks: int, examples_per_task: int, example_numel: int
+) -> Plan:
+    """The execution ``strategy="auto"`` uses for a meta-batch: a rule fitted to measurements.
+
+    Args:
+        device_type: ``"cpu"``, ``"cuda"``, ... (``torch.device.type`` of the model).
+        has_conv: the model contains convolutions (``nn.Conv1d/2d/3d`` and transposed).
+        tasks: tasks in the meta-batch (T).
+        examples_per_task: support + query examples of one task.
+        example_numel: elements of one input example (e.g. 1 * 28 * 28 for Omniglot).
+
+    The rule on CPU, from ``benchmarks/strategies.py`` and ``benchmarks/compare.py`` (one thread,
+    process CPU ms per meta-training step, medians of 3-15 interleaved rounds, ranges over 2-4
+    runs; torch 2.13 on a 2-vCPU Xeon with AVX-512 shared with other jobs, so differences under
+    ~10% are noise; docs/benchmarks.md has the tables):
+
+    - **No convolutions: vmap over the whole meta-batch.** Per-task work is a few small matmuls,
+      so a loop pays Python and dispatch overhead T times. Sinusoid (MLP 1-40-40-1, T = 25):
+      vmap 3.3 ms, vmap in chunks of 16/8 tasks 5.6/10.0 ms, loop 26 ms (learn2learn 24).
+    - **Convolutions: vmap in chunks of ``AUTO_CHUNK_INPUT_NUMEL // (input elements per task)``
+      tasks (2**18 = 262,144 input elements, e.g. 320 Omniglot images), each chunk backpropagated
+      before the next is built; no chunks when the meta-batch fits in one.** Under vmap a
+      convolution whose weights differ per task becomes one grouped convolution, and the batched
+      activations of a big meta-batch come back as fresh pages every step (the whole-batch vmap of
+      Omniglot with 15 queries/class spent 0.8-1.3 s of its ~2.3 s CPU time in the kernel, page
+      faults, while its user time was the lowest of all). Omniglot 5-way 1-shot, 15 queries/class
+      (T = 32, 62,720 input elements per task, rule: chunks of 4): whole 2260-2339, chunks of
+      1/2/4/8/16: 1788/1668/1556-1584/1514-1799/2244, loop 1655-1692 (learn2learn 1577-1612).
+      Omniglot 20-way 1-shot, 5 steps (T = 16, 31,360, rule: chunks of 8): whole 2737-2884,
+      chunks of 2/4/8: 2730-2789/2578-2629/2501-2593, loop 2801-3036 (learn2learn 2747-2803).
+      Omniglot 5-way 1-shot, 1 query/class (T = 32, 7,840, rule: whole): whole 323-394, chunks
+      of 8/16: 343-387/354, loop 589-617 (learn2learn 520-576).
+    - **Convolutions, one task above ``AUTO_CHUNK_INPUT_NUMEL``: the loop, each task
+      backpropagated before the next.** MiniImagenet 5-way 1-shot, 15 queries/class (84x84 RGB,
+      1,693,440 elements per task, T = 4, 5 steps): loop with one backward per task 4545, vmap
+      one task at a time 4693, loop with one graph 5137, vmap in chunks of 2 5786, whole vmap 8660
+      (learn2learn 4497).
+
+    On other devices (CUDA): vmap over the whole meta-batch. Not measured (no GPU in the sessions
+    that wrote this rule); many small kernel launches favour batching on GPUs, but treat it as a
+    default to re-measure, not a finding.
+    """
+    if device_type != "cpu" or not has_conv:
+        return Plan("vmap")
+    chunk = AUTO_CHUNK_INPUT_NUMEL // max(1, examples_per_task * example_numel)
+    if chunk < 1:
+        return Plan("loop", 1 if tasks > 1 else None)
+    return Plan("vmap", chunk if tasks > chunk else None)
 
 
 def adapt(
@@ -194,13 +272,18 @@ def meta_objective(
     if strategy == "vmap" and task_kwargs.get("checkpoint"):
         raise ValueError("gradient checkpointing of inner steps runs per task: use strategy='loop' with it")
     if strategy == "vmap":
-        batched = torch.func.vmap(
-            task_fn, in_dims=(None, None, None, 0, 0, 0, 0), chunk_size=chunk_size,
-            randomness="different",
-        )
-        return batched(params, buffers, rule_params, support_x, support_y, query_x, query_y)
+        # The shared state is captured rather than passed with in_dims=None: the same batched
+        # computation, without vmap flattening and matching the parameter dicts on every call.
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            return task_fn(params, buffers, rule_params, sx, sy, qx, qy)
+
+        batched = torch.func.vmap(one_task, chunk_size=chunk_size, randomness="different")
+        return batched(support_x, support_y, query_x, query_y)
     if strategy == "loop":
         return _loop_over_tasks(task_fn, params, buffers, rule_params, support_x, support_y, query_x, query_y)
+    if strategy == "auto":
+        raise ValueError("strategy='auto' is resolved by the learner (fastmaml.MAML, core.choose_strategy); "
+                         "pass 'vmap' or 'loop' to meta_objective")
     raise ValueError(f"unknown strategy {strategy!r}; use 'vmap' or 'loop'")
 
 

@@ -42,14 +42,16 @@ def build_model(config: Config) -> nn.Module:
 def build_learner(config: Config, device: torch.device) -> MAML:
     """The learner the config names; variants are the same learner with another rule or options."""
     meta = config.meta
-    if meta.strategy not in ("vmap", "loop"):
-        raise ConfigError(f"unknown meta.strategy {meta.strategy!r}; use vmap or loop")
+    if meta.strategy not in ("auto", "vmap", "loop"):
+        raise ConfigError(f"unknown meta.strategy {meta.strategy!r}; use auto, vmap or loop")
     common = {
         "loss": "cross_entropy" if is_classification(config) else "mse",
         "reduction": meta.reduction,
-        "strategy": meta.strategy,
+        # checkpointing recomputes inner steps task by task: auto means the loop there
+        "strategy": "loop" if meta.checkpoint and meta.strategy == "auto" else meta.strategy,
         "chunk_size": meta.chunk_size or None,
         "checkpoint": meta.checkpoint,
+        "compile": meta.compile,
     }
     model = build_model(config)
     steps = meta.inner_steps
