@@ -350,3 +350,18 @@ def test_mujoco_misuse_is_an_error(mujoco):
         env.step(np.zeros((2, 5)))
     with pytest.raises(ValueError, match="frame_skip"):
         E.make_batch_env("ant_dir", frame_skip=0)
+
+
+@pytest.mark.parametrize("name", ["navigation2d", "halfcheetah_vel", "ant_dir"])
+def test_set_task_gives_one_env_with_that_task(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if name != "navigation2d":
+        pytest.importorskip("mujoco")
+    env = E.make_batch_env(name)
+    rng = np.random.default_rng(0)
+    task = env.sample_tasks(rng, 1)[0]
+    env.set_task(task)
+    obs = env.reset(rng)
+    assert env.num_envs == 1 and obs.shape == (1, env.observation_dim)
+    _, reward, done = env.step(np.zeros((1, env.action_dim)))
+    assert reward.shape == (1,) and done.shape == (1,)

@@ -159,6 +159,10 @@ class VectorNavigation2D:
         self.num_envs = len(self.goals)
         self.position = np.zeros((self.num_envs, 2))
 
+    def set_task(self, task: np.ndarray) -> None:
+        """One env with ``task`` (the single-task form of :meth:`set_tasks`). Call ``reset`` next."""
+        self.set_tasks(np.asarray(task, dtype=float).reshape(1, -1))
+
     def reset(self, rng: np.random.Generator) -> np.ndarray:
         """Put every point at the origin (no noise: ``rng`` is unused, kept for the protocol)."""
         self.position = np.zeros((self.num_envs, 2))
@@ -353,6 +357,10 @@ class _MujocoBatchEnv:
         self.num_envs = len(self.tasks)
         self._state = None
         self._done = np.zeros(self.num_envs, dtype=bool)
+
+    def set_task(self, task: np.ndarray) -> None:
+        """One env with ``task`` (the single-task form of :meth:`set_tasks`). Call ``reset`` next."""
+        self.set_tasks(np.asarray(task, dtype=float).reshape(1, -1))
 
     def reset(self, rng: np.random.Generator) -> np.ndarray:
         """Initial states with gymnasium's noise drawn from ``rng``: qpos + U[-s, s], qvel + s N(0, 1)."""
