@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmaml.rl import baselines, metarl, policies, trpo
+from fastmaml.rl import baselines, closed_form, metarl, policies, trpo
 from fastmaml.rl.sampling import Trajectories
 
 OBS, ACT, T, B, H = 3, 2, 2, 3, 5
@@ -229,3 +229,84 @@ def test_ppo_step_improves_the_clipped_surrogate() -> None:
     after, kl = metarl.surrogate_and_kl(new_theta, meta, settings, OBS, clip=0.2)
     assert after.item() < before.item() and kl.item() > 0
     assert state["state"]  # Adam's moments, for the checkpoint
+
+
+# The closed-form outer step (Gauss-Newton products through the linearised inner steps) against the
+# double backward it replaces, in every setting it covers, and its fallback away from the sampling policies.
+CLOSED_FORM = {**SETTINGS,
+               "tanh": metarl.InnerSettings(lrs=(0.3,), nonlinearity="tanh"),
+               "lvc-2steps": metarl.InnerSettings(lrs=(0.3, 0.15), estimator="lvc"),
+               "first-order-inner": metarl.InnerSettings(lrs=(0.3,), first_order=True)}
+
+
+def _meta_batch_for(theta: dict, settings: metarl.InnerSettings, seed: int = 1) -> metarl.MetaBatch:
+    """As ``_meta_batch``, with the settings' nonlinearity for the sampling policies' statistics."""
+    meta = _meta_batch(theta, settings, seed)
+    params = metarl.adapted_policies(theta, meta.batches, settings, OBS)
+    nl = settings.nonlinearity
+    meta.old_logp = torch.func.vmap(lambda p, o, a: policies.log_prob(p, o, a, nl))(params, meta.post.obs,
+                                                                                  meta.post.actions)
+    meta.old_mean = torch.func.vmap(lambda p, o: policies.action_mean(p, o, nl))(params, meta.post.obs)
+    return meta
+
+
+@pytest.mark.parametrize("case", list(CLOSED_FORM))
+@pytest.mark.parametrize("method", ["exact", "first-order"])
+def test_closed_form_fvp_equals_the_double_backward(case: str, method: str) -> None:
+    settings = CLOSED_FORM[case]
+    theta = _theta()
+    meta = _meta_batch_for(theta, settings)
+    linear = closed_form.OuterLinearization(theta, meta, settings, OBS)
+    assert linear.gauss_newton_exact
+    reference = metarl.fisher_vector_product(
+        theta, meta, settings, OBS, "exact-double-backward" if method == "exact" else "first-order")
+    fvp = metarl.fisher_vector_product(theta, meta, settings, OBS, method)
+    for seed in (3, 4):
+        v = torch.randn(trpo.flatten(theta).numel(), generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+        expected = metarl._autograd_fisher_vector_product(theta, meta, settings, OBS, "exact-double-backward"
+                                                          if method == "exact" else "first-order", 1e-5)(v)
+        torch.testing.assert_close(linear.fisher_vector_product(method == "first-order")(v), expected,
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fvp(v), reference(v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CLOSED_FORM))
+def test_closed_form_meta_gradient_equals_autograd(case: str) -> None:
+    settings = CLOSED_FORM[case]
+    theta = _theta()
+    meta = _meta_batch_for(theta, settings)
+    for point in (theta, {k: v + 0.05 for k, v in theta.items()}):  # also away from the sampling policies
+        flat = trpo.flatten(point).clone().requires_grad_(True)
+        loss, _ = metarl.surrogate_and_kl(trpo.unflatten(flat, point), meta, settings, OBS)
+        (expected,) = torch.autograd.grad(loss, flat)
+        linear = closed_form.OuterLinearization(point, meta, settings, OBS)
+        torch.testing.assert_close(linear.loss, loss.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(linear.gradient(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fvp_away_from_the_sampling_policies_falls_back_to_the_double_backward() -> None:
+    """There the KL's gradient does not vanish and the Gauss-Newton form is not its Hessian."""
+    settings = SETTINGS["1step"]
+    theta = _theta()
+    meta = _meta_batch(theta, settings)
+    moved = {k: v + 0.05 for k, v in theta.items()}
+    assert not closed_form.OuterLinearization(moved, meta, settings, OBS).gauss_newton_exact
+    base = trpo.flatten(moved)
+    hessian = torch.autograd.functional.hessian(_kl_of_flat(moved, meta, settings), base)
+    v = torch.randn(base.numel(), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    fvp = metarl.fisher_vector_product(moved, meta, settings, OBS, "exact")
+    torch.testing.assert_close(fvp(v), hessian @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["1step", "2steps", "lvc"])
+def test_trpo_step_matches_the_double_backward_reference(case: str) -> None:
+    settings = SETTINGS[case]
+    theta = _theta()
+    meta = _meta_batch(theta, settings)
+    results = [metarl.trpo_step(theta, meta, settings, metarl.OuterSettings(hvp=hvp), OBS)
+               for hvp in ("exact", "exact-double-backward")]
+    (fast, fast_stats), (reference, reference_stats) = results
+    for name in theta:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-9, atol=1e-11)
+    assert fast_stats == pytest.approx(reference_stats, rel=1e-8, abs=1e-12)

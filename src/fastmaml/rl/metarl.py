@@ -11,10 +11,12 @@ One meta-iteration:
 4. outer step on ``theta``: maximise the mean importance-weighted surrogate of the post-update
    policies within a mean-KL trust region, differentiating through the inner step(s).
 
-The Fisher-vector product of the trust region is selectable: ``exact`` (double backward through the
-inner step: the Hessian of the KL of the adapted policies with respect to ``theta``),
-``finite-difference`` (differences of first derivatives, as the original code) or
-``first-order`` (the inner step's Jacobian taken as the identity).
+The Fisher-vector product of the trust region is selectable: ``exact`` (the Hessian of the KL of the
+adapted policies with respect to ``theta``, through the inner step), ``finite-difference`` (differences
+of first derivatives, as the original code) or ``first-order`` (the inner step's Jacobian taken as the
+identity). ``exact`` and ``first-order`` are computed in closed form at the sampling policies, where the
+Hessian is exactly a Gauss-Newton product (see ``closed_form.OuterLinearization``), with the meta-gradient; elsewhere
+(and as ``exact-double-backward``, the reference) by a double backward through the vmapped inner step.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import torch
 from torch import Tensor
 
 from fastmaml import core
-from fastmaml.rl import baselines, policies, trpo
+from fastmaml.rl import baselines, closed_form, policies, trpo
 from fastmaml.rl.sampling import BatchEnv, Trajectories, sample
 from fastmaml.rules import SGD, Params
 
 HVP_METHODS = ("exact", "finite-difference", "first-order")
+_REFERENCE_HVP = "exact-double-backward"
+"""The exact product by a double backward through the inner step, always (the closed form's reference)."""
 ESTIMATORS = ("reinforce", "lvc")
 
 
@@ -184,9 +188,24 @@ def post_objective(params: Params, meta: MetaBatch, settings: InnerSettings, cli
 
 def fisher_vector_product(theta: Params, meta: MetaBatch, settings: InnerSettings, obs_dim: int,
                           method: str = "exact", fd_eps: float = 1e-5) -> Callable[[Tensor], Tensor]:
-    """``v -> H v`` with ``H`` the Hessian of the mean KL with respect to ``theta`` (see module doc)."""
-    if method not in HVP_METHODS:
+    """``v -> H v`` with ``H`` the Hessian of the mean KL with respect to ``theta`` (see module doc).
+
+    ``exact`` and ``first-order`` use the closed form of :class:`closed_form.OuterLinearization` when it applies
+    (the adapted policies equal the sampling ones, as in every TRPO step) and the double backward
+    otherwise; ``exact-double-backward`` always takes the double backward (the reference).
+    """
+    if method not in HVP_METHODS and method != _REFERENCE_HVP:
         raise ValueError(f"unknown hvp method {method!r}; use one of {', '.join(HVP_METHODS)}")
+    if method in ("exact", "first-order"):
+        linear = closed_form.OuterLinearization(theta, meta, settings, obs_dim)
+        if linear.gauss_newton_exact:
+            return linear.fisher_vector_product(first_order=method == "first-order")
+    return _autograd_fisher_vector_product(theta, meta, settings, obs_dim, method, fd_eps)
+
+
+def _autograd_fisher_vector_product(theta: Params, meta: MetaBatch, settings: InnerSettings, obs_dim: int,
+                                    method: str, fd_eps: float) -> Callable[[Tensor], Tensor]:
+    """The general path: finite differences of gradients, or a double backward through the inner step."""
     base = trpo.flatten(theta).detach()
 
     def kl_gradient(vector: Tensor, create_graph: bool, first_order: bool) -> tuple[Tensor, Tensor]:
@@ -224,7 +243,8 @@ class OuterSettings:
     cg_damping: float = 1e-5
     """Damping added to the Fisher-vector product."""
     hvp: str = "exact"
-    """Fisher-vector product: exact (double backward) | finite-difference (the original) | first-order."""
+    """Fisher-vector product: exact (closed form, or double backward) | finite-difference (the original) |
+    first-order."""
     fd_eps: float = 1e-5
     """finite-difference: base step (divided by the vector's norm)."""
     backtracks: int = 15
@@ -243,13 +263,22 @@ def trpo_step(theta: Params, meta: MetaBatch, settings: InnerSettings, outer: Ou
               obs_dim: int) -> tuple[Params, dict[str, float]]:
     """One TRPO update of ``theta`` on the MAML objective; returns new parameters and diagnostics."""
     flat = trpo.flatten(theta).detach()
-    leaf = flat.clone().requires_grad_(True)
-    loss, kl = surrogate_and_kl(trpo.unflatten(leaf, theta), meta, settings, obs_dim)
-    (gradient,) = torch.autograd.grad(loss, leaf)
+    linear = closed_form.OuterLinearization(theta, meta, settings, obs_dim) if outer.hvp != _REFERENCE_HVP else None
+    if linear is not None:  # the closed form (same values as autograd's, to rounding)
+        loss, gradient = linear.loss.detach(), linear.gradient()
+    else:
+        leaf = flat.clone().requires_grad_(True)
+        loss, _ = surrogate_and_kl(trpo.unflatten(leaf, theta), meta, settings, obs_dim)
+        (gradient,) = torch.autograd.grad(loss, leaf)
     if not torch.isfinite(gradient).all():
         raise FloatingPointError("meta-gradient is not finite; lower the inner step size or check rewards")
-    fvp = fisher_vector_product(theta, meta, settings, obs_dim, outer.hvp, outer.fd_eps)
+    if linear is not None and outer.hvp in ("exact", "first-order"):
+        fvp = (linear.fisher_vector_product(first_order=outer.hvp == "first-order") if linear.gauss_newton_exact
+               else _autograd_fisher_vector_product(theta, meta, settings, obs_dim, outer.hvp, outer.fd_eps))
+    else:
+        fvp = fisher_vector_product(theta, meta, settings, obs_dim, outer.hvp, outer.fd_eps)
     full_step = trpo.trust_region_step(gradient, fvp, outer.max_kl, outer.cg_iterations, outer.cg_damping)
+    del linear, fvp  # the cached activations, before the line search
 
     def evaluate(candidate: Tensor) -> tuple[float, float]:
         with torch.no_grad():
