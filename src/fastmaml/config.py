@@ -78,6 +78,10 @@ class MetaConfig:
     """Recompute inner steps in the backward pass: memory flat in the number of steps (strategy loop)."""
     compile: bool = False
     """torch.compile the vmapped meta-objective (first iteration compiles; not with per-step BatchNorm)."""
+    compile_mode: str = "default"
+    """torch.compile mode: default | reduce-overhead (CUDA graphs on GPU) | max-autotune[-no-cudagraphs]."""
+    precision: str = "fp32"
+    """fp32 | bf16 (bfloat16 autocast of the model's forward; parameters, updates and losses stay float32)."""
     msl_iterations: int = 0
     """mamlpp: iterations over which the multi-step loss anneals to the final step (0 = final only)."""
     first_order_iterations: int = 0

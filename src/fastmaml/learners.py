@@ -21,11 +21,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,9 @@ from fastmaml.episode import Episode
 from fastmaml.losses import LossName, Reduction, make_loss
 from fastmaml.models import TaskBatchNorm, check_meta_learnable, per_step_batchnorm
 from fastmaml.rules import SGD, InnerRule, Params, PerLayerPerStepLR, PerParameterLR
+
+Precision = Literal["fp32", "bf16"]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class MetaOutput(NamedTuple):
@@ -152,6 +156,12 @@ class MAML(nn.Module):
             ``torch.compile`` backend). The first meta-batch of each shape compiles (about 30 s for
             the sinusoid MLP on 2 CPU cores); runs the vmap strategy; refused for models with
             per-step layers (MAML++'s per-step BatchNorm), whose step context it cannot trace.
+        compile_mode: ``torch.compile``'s mode: ``"reduce-overhead"`` captures the compiled meta-step
+            in CUDA graphs on GPU (one launch instead of thousands: MAML on small tasks is
+            launch-bound there); ``"max-autotune"`` also tunes kernels. Ignored without ``compile``.
+        precision: ``"bf16"`` runs the model's forward (and so its derivatives) under
+            ``torch.autocast`` in bfloat16, in meta-training and in :meth:`evaluate`; parameters,
+            inner-loop updates and losses stay float32 (logits are cast back before the loss).
     """
 
     def __init__(
@@ -171,6 +181,8 @@ class MAML(nn.Module):
         checkpoint: bool = False,
         schedule: MAMLPlusPlusSchedule | None = None,
         compile: bool | str = False,
+        compile_mode: str = "default",
+        precision: Precision = "fp32",
     ) -> None:
         super().__init__()
         check_meta_learnable(model)
@@ -199,7 +211,13 @@ class MAML(nn.Module):
             if per_step:
                 raise ValueError(f"compile=True cannot trace the inner-step context that per-step layers read "
                                  f"({per_step[0]!r} is a per-step TaskBatchNorm); use compile=False")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile_mode {compile_mode!r}; use one of {', '.join(COMPILE_MODES)}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision {precision!r}; use 'fp32' or 'bf16'")
         self.compile_objective = compile  # not `self.compile`: that is nn.Module.compile
+        self.compile_mode = compile_mode
+        self.precision: Precision = precision
         self._compiled: Callable | None = None
         self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         self._reparametrized = _Reparametrized(model)
@@ -213,7 +231,14 @@ class MAML(nn.Module):
         return self.adapted_names is None or name in self.adapted_names
 
     def _forward(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
-        return self._reparametrized(params, buffers, x)
+        out = self._reparametrized(params, buffers, x)
+        return out.float() if self.precision == "bf16" else out  # losses and inner updates in float32
+
+    def _autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on ``x``'s device when ``precision="bf16"``, else nothing."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
     def _state(self) -> tuple[Params, Params, Params]:
         params = dict(self.model.named_parameters())
@@ -237,20 +262,22 @@ class MAML(nn.Module):
             return core.meta_objective
         if self._compiled is None:
             backend = self.compile_objective if isinstance(self.compile_objective, str) else "inductor"
-            self._compiled = torch.compile(core.meta_objective, fullgraph=True, backend=backend)
+            mode = None if self.compile_mode == "default" else self.compile_mode
+            self._compiled = torch.compile(core.meta_objective, fullgraph=True, backend=backend, mode=mode)
         return self._compiled
 
     def _run(self, episode: Episode, steps: int, strategy: str) -> tuple[Tensor, Tensor | None]:
         """Per-task query losses ``[T]`` (with their graph) and the accuracy of one (sub-)batch."""
         params, buffers, rule_params = self._state()
-        losses, predictions = self._objective()(
-            self._forward, params, buffers, rule_params,
-            episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-            strategy=strategy, chunk_size=self.chunk_size,
-            inner_loss_fn=self.inner_loss_fn, outer_loss_fn=self.outer_loss_fn, rule=self.rule,
-            steps=steps, step_weights=self.step_weights if steps == self.inner_steps else None,
-            adapted_names=self.adapted_names, checkpoint=self.checkpoint,
-        )
+        with self._autocast(episode.support_x):
+            losses, predictions = self._objective()(
+                self._forward, params, buffers, rule_params,
+                episode.support_x, episode.support_y, episode.query_x, episode.query_y,
+                strategy=strategy, chunk_size=self.chunk_size,
+                inner_loss_fn=self.inner_loss_fn, outer_loss_fn=self.outer_loss_fn, rule=self.rule,
+                steps=steps, step_weights=self.step_weights if steps == self.inner_steps else None,
+                adapted_names=self.adapted_names, checkpoint=self.checkpoint,
+            )
         accuracy = None
         if self.is_classifier:
             accuracy = (predictions.detach().argmax(-1) == episode.query_y).float().mean()
@@ -335,13 +362,14 @@ class MAML(nn.Module):
         """
         self._check(episode.support_x, episode.query_x)
         params, buffers, rule_params = self._state()
-        losses, predictions = core.evaluate_trajectory(
-            self._forward, params, buffers, rule_params,
-            episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-            loss_fn=self.outer_loss_fn,
-            rule=self.rule if rule is None else rule, steps=steps,
-            adapted_names=self.adapted_names, chunk_size=self.chunk_size,
-        )
+        with self._autocast(episode.support_x):
+            losses, predictions = core.evaluate_trajectory(
+                self._forward, params, buffers, rule_params,
+                episode.support_x, episode.support_y, episode.query_x, episode.query_y,
+                loss_fn=self.outer_loss_fn,
+                rule=self.rule if rule is None else rule, steps=steps,
+                adapted_names=self.adapted_names, chunk_size=self.chunk_size,
+            )
         accuracy = None
         if self.is_classifier:
             accuracy = (predictions.argmax(-1) == episode.query_y.unsqueeze(1)).float().mean(-1)

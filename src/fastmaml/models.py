@@ -40,7 +40,10 @@ class TaskBatchNorm(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"TaskBatchNorm({self.num_features}) got input of shape {tuple(x.shape)}")
         dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        # Statistics in float32 even under bfloat16 autocast (as cuDNN's BatchNorm): a mean rounded
+        # to 8 bits would be cancelled against x, losing precision where |mean| >> std.
+        stats_input = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        var, mean = torch.var_mean(stats_input, dim=dims, correction=0, keepdim=True)
         # Fold normalisation and affine into one per-channel scale and shift: two full-size
         # elementwise ops instead of five, in the forward and in every derivative order.
         scale = torch.rsqrt(var + self.eps)
