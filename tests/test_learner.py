@@ -313,6 +313,34 @@ def test_evaluate_columns_equal_losses_after_hand_written_steps_classifier():
     assert not torch.allclose(losses[:, 0], losses[:, -1]), "losses do not change across steps"
 
 
+def ref_cross_entropy_sum_over_classes(logits: Tensor, y: Tensor) -> Tensor:
+    return logits.shape[-1] * ref_cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("variant", ["maml", "maml++"])
+def test_evaluate_adapts_with_the_training_inner_loss_scale(variant):
+    """With ``reduction="sum_over_classes"`` the inner step is N times that of the mean loss;
+    evaluation must adapt with the same scale as meta-training (it once used the mean loss, so
+    test-time steps were N times too small), and its last column must equal the meta-loss."""
+    model = small_convnet()
+    if variant == "maml":
+        learner = MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy", reduction="sum_over_classes")
+    else:
+        learner = fastmaml.MAMLPlusPlus(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy",
+                                        reduction="sum_over_classes")
+        learner.step_weights = None  # final-step loss only, to compare with evaluate's last column
+    episode = classification_episode((1, 8, 8), tasks=3)
+    losses, _ = learner.evaluate(episode, steps=2)
+    torch.testing.assert_close(losses[:, 2], learner.meta_loss(episode).task_losses, rtol=1e-10, atol=0)
+    if variant == "maml":
+        for t in range(3):
+            trajectory = hand_sgd(model, params_of(model), episode.support_x[t], episode.support_y[t],
+                                  ref_cross_entropy_sum_over_classes, constant(0.1), 2)
+            for s, point in enumerate(trajectory):
+                expected = ref_cross_entropy(run(model, point, episode.query_x[t]), episode.query_y[t])
+                torch.testing.assert_close(losses[t, s], expected, rtol=1e-10, atol=0)
+
+
 def test_evaluate_regression_and_lslr_reuses_last_rate_past_training_steps():
     model = regression_mlp()
     learner = LSLR(model, inner_lr=0.1, inner_steps=2)

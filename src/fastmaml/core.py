@@ -297,7 +297,8 @@ def evaluate_trajectory(
     query_x: Tensor,
     query_y: Tensor,
     *,
-    loss_fn: LossFn,
+    inner_loss_fn: LossFn,
+    outer_loss_fn: LossFn,
     rule: InnerRule,
     steps: int,
     adapted_names: Sequence[str] | None = None,
@@ -305,19 +306,21 @@ def evaluate_trajectory(
 ) -> tuple[Tensor, Tensor]:
     """Query losses ``[T, steps+1]`` and predictions ``[T, steps+1, ...]`` after 0..steps updates.
 
-    One inner loop per task serves every step count. Call it under ``torch.no_grad()``: the
-    inner ``torch.func.grad`` still works, but no outer graph is kept.
+    One inner loop per task serves every step count. It adapts with ``inner_loss_fn``, as
+    meta-training does (the inner-loss scale is part of the step size), and scores the query set
+    with ``outer_loss_fn``. Call it under ``torch.no_grad()``: the inner ``torch.func.grad`` still
+    works, but no outer graph is kept.
     """
 
     def one_task(p, b, r, sx, sy, qx, qy):
         inner, fixed = _split(p, adapted_names)
-        trajectory = adapt(forward, inner, b, r, sx, sy, loss_fn=loss_fn, rule=rule, steps=steps, fixed=fixed)
+        trajectory = adapt(forward, inner, b, r, sx, sy, loss_fn=inner_loss_fn, rule=rule, steps=steps, fixed=fixed)
         predictions = []
         for index, point in enumerate(trajectory):
             with at_step(index):
                 predictions.append(forward({**fixed, **point}, b, qx))
         predictions = torch.stack(predictions)
-        losses = torch.stack([loss_fn(pred, qy) for pred in predictions])
+        losses = torch.stack([outer_loss_fn(pred, qy) for pred in predictions])
         return losses, predictions
 
     batched = torch.func.vmap(one_task, in_dims=(None, None, None, 0, 0, 0, 0), chunk_size=chunk_size)

@@ -366,7 +366,7 @@ class MAML(nn.Module):
             losses, predictions = core.evaluate_trajectory(
                 self._forward, params, buffers, rule_params,
                 episode.support_x, episode.support_y, episode.query_x, episode.query_y,
-                loss_fn=self.outer_loss_fn,
+                inner_loss_fn=self.inner_loss_fn, outer_loss_fn=self.outer_loss_fn,
                 rule=self.rule if rule is None else rule, steps=steps,
                 adapted_names=self.adapted_names, chunk_size=self.chunk_size,
             )
