@@ -38,7 +38,14 @@ of ``loss / T`` per task, which frees each task's graph before the next):
 once. ``fastmaml auto`` is the default, ``strategy="auto"``: the plan ``MAML.plan`` picks (on CPU:
 vmap for the MLP, vmap in chunks of 8 tasks each backpropagated inside ``meta_loss`` for the Omniglot
 conv net, the loop for MiniImagenet). ``fastmaml compile`` is ``MAML(..., compile=True)``, run only on
-cases with ``Case.compile`` (sinusoid), after two untimed compiling steps.
+cases with ``Case.compile`` (sinusoid), after two untimed compiling steps. ``fastmaml cudagraphs`` is
+``MAML(..., compile=True, compile_mode="reduce-overhead")``: the compiled meta-step replayed as CUDA
+graphs, run only with ``--device cuda`` (skipped on CPU, with the reason printed) and only on cases
+with ``Case.cudagraphs`` (sinusoid, Omniglot 5-way 1-shot), after three untimed steps (the first
+call compiles, the second records the graphs, later ones replay them); its float64 gradient check
+takes the third call's gradient, so it checks a replay. Each case that runs a compiled
+implementation starts from a fresh ``torch._dynamo.reset()``, so one case's shapes never make the
+next case's graphs dynamic.
 
 With ``--threads`` above 1 on a machine that other jobs share, set ``OMP_WAIT_POLICY=PASSIVE``:
 torch's OpenMP threads otherwise spin at every barrier waiting for a descheduled sibling, and a
@@ -108,6 +115,9 @@ class Case:
     compile: bool = False
     """Run ``fastmaml compile`` (``MAML(..., compile=True)``) on this case; compiling costs ~30 s on
     2 CPU cores for the MLP, minutes for the conv nets, so only where it was measured."""
+    cudagraphs: bool = False
+    """Run ``fastmaml cudagraphs`` (``compile=True, compile_mode="reduce-overhead"``) on this case
+    (CUDA only): the launch-bound cases where replaying one graph should matter most."""
 
     @property
     def loss(self) -> str:
@@ -136,9 +146,10 @@ CASES = {
     for case in [
         Case("sinusoid", "sinusoid: MLP 1-40-40-1, T=25, K=10/10, 1 step, 2nd order",
              tasks=25, shots=10, queries=10, steps=1, lr=0.01, first_order=False, rounds=15, repeat=10, warmup=10,
-             compile=True),
+             compile=True, cudagraphs=True),
         Case("omniglot-5w1s", "Omniglot 5-way 1-shot: ConvNet-64, T=32, 1 query/class, 1 step, 2nd order",
-             tasks=32, shots=1, queries=1, steps=1, lr=0.4, first_order=False, ways=5, rounds=7, warmup=1),
+             tasks=32, shots=1, queries=1, steps=1, lr=0.4, first_order=False, ways=5, rounds=7, warmup=1,
+             cudagraphs=True),
         Case("omniglot-5w1s-q15", "Omniglot 5-way 1-shot, 15 queries/class: T=32, 1 step, 2nd order",
              tasks=32, shots=1, queries=15, steps=1, lr=0.4, first_order=False, ways=5, check_tasks=8),
         Case("omniglot-20w1s", "Omniglot 20-way 1-shot: ConvNet-64, T=16, 1 query/class, 5 steps, 2nd order",
@@ -248,14 +259,16 @@ class Impl:
     note: str = ""
 
 
-def impl_fastmaml(case: Case, model: nn.Module, strategy: str, compile: bool = False) -> Impl:
+def impl_fastmaml(case: Case, model: nn.Module, strategy: str, compile: bool = False,
+                  compile_mode: str = "default", name: str | None = None) -> Impl:
     learner = fastmaml.MAML(model, case.lr, case.steps, case.first_order, loss=case.loss, strategy=strategy,
-                            compile=compile)
+                            compile=compile, compile_mode=compile_mode)
 
     def meta_grad(episode: fastmaml.Episode) -> None:
         learner.meta_loss(episode).loss.backward()
 
-    return Impl("fastmaml compile" if compile else f"fastmaml {strategy}", list(learner.parameters()), meta_grad)
+    name = name or ("fastmaml compile" if compile else f"fastmaml {strategy}")
+    return Impl(name, list(learner.parameters()), meta_grad)
 
 
 def impl_torch_func_loop(case: Case, model: nn.Module) -> Impl:
@@ -369,8 +382,10 @@ class Libraries(dict):
         return self[key]
 
 
-IMPL_NAMES = ["fastmaml auto", "fastmaml vmap", "fastmaml loop", "fastmaml compile", "torch.func loop", "learn2learn",
-              "higher"]
+IMPL_NAMES = ["fastmaml auto", "fastmaml vmap", "fastmaml loop", "fastmaml compile", "fastmaml cudagraphs",
+              "torch.func loop", "learn2learn", "higher"]
+COMPILED = ("fastmaml compile", "fastmaml cudagraphs")
+"""Implementations that compile on their first call (and, for cudagraphs, record on the second)."""
 
 
 def build(case: Case, which: str, model: nn.Module, libs: dict) -> Impl:
@@ -378,6 +393,9 @@ def build(case: Case, which: str, model: nn.Module, libs: dict) -> Impl:
         return impl_fastmaml(case, model, "auto")
     if which == "fastmaml compile":
         return impl_fastmaml(case, model, "auto", compile=True)
+    if which == "fastmaml cudagraphs":
+        return impl_fastmaml(case, model, "auto", compile=True, compile_mode="reduce-overhead",
+                             name="fastmaml cudagraphs")
     if which == "fastmaml vmap":
         return impl_fastmaml(case, model, "vmap")
     if which == "fastmaml loop":
@@ -393,11 +411,15 @@ def build(case: Case, which: str, model: nn.Module, libs: dict) -> Impl:
     raise ValueError(f"unknown implementation {which!r}; choose from {IMPL_NAMES}")
 
 
-def available(libs: dict, wanted: list[str]) -> list[str]:
+def available(libs: dict, wanted: list[str], device: str = "cpu") -> list[str]:
     names = []
     for name in wanted:
         if name == "higher" and libs["higher"][0] is None:
             print(f"SKIP higher: {libs['higher'][1]}", file=sys.stderr)
+            continue
+        if name == "fastmaml cudagraphs" and not device.startswith("cuda"):
+            print(f"SKIP fastmaml cudagraphs: compile_mode='reduce-overhead' replays CUDA graphs, which need "
+                  f"--device cuda (this run: {device})", file=sys.stderr)
             continue
         names.append(name)
     return names
@@ -424,9 +446,10 @@ def check_gradients(case: Case, names: list[str], libs: dict, device: str, toler
     for name in names:
         impl = build(case, name, copy.deepcopy(base), libs)
         labels[name] = impl.name
-        for p in impl.parameters:
-            p.grad = None
-        impl.meta_grad(episode)
+        for _ in range(3 if name == "fastmaml cudagraphs" else 1):  # compile, record, replay: check the replay
+            for p in impl.parameters:
+                p.grad = None
+            impl.meta_grad(episode)
         grads[name] = [p.grad.detach().clone() for p in impl.parameters]
     reference = _reference(names)
     scale = max(g.abs().max().item() for g in grads[reference])
@@ -471,16 +494,21 @@ def _sync(device: str) -> None:
 
 
 def time_case(
-    case: Case, names: list[str], libs: dict, device: str, rounds: int, warmup: int
+    case: Case, names: list[str], libs: dict, device: str, rounds: int, warmup: int,
+    warmup_s: dict[str, float] | None = None,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Per implementation, (wall seconds, process CPU seconds) per step: one sample per round,
     the implementations' order rotating each round. With one thread, CPU time barely counts the
-    time this process waits for a core, so it is the steadier figure on a shared machine."""
+    time this process waits for a core, so it is the steadier figure on a shared machine.
+    ``warmup_s``, if given, receives each implementation's wall seconds of warm-up (compiling included)."""
     steps = {name: make_step(case, name, libs, device)[0] for name in names}
-    for step in steps.values():
+    for name, step in steps.items():
+        start = time.perf_counter()
         for _ in range(warmup):
             step()
         _sync(device)
+        if warmup_s is not None:
+            warmup_s[name] = time.perf_counter() - start
     samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -496,10 +524,17 @@ def time_case(
 
 
 def peak_memory_cuda(case: Case, name: str, libs: dict, device: str, steps: int) -> float:
+    """MiB by which the allocated peak rises over ``steps`` steps. Compiled implementations first take
+    three untimed steps; what they keep allocated from those (CUDA graph memory pools) is counted, the
+    transient peaks of compiling and recording are not."""
     step, _ = make_step(case, name, libs, device)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+    if name in COMPILED:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
@@ -540,7 +575,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     case_name, name = args.memory_worker
     libs = Libraries(args.learn2learn)  # imports only what this implementation needs
     step, _ = make_step(CASES[case_name], name, libs, "cpu")
-    if name == "fastmaml compile":
+    if name in COMPILED:
         step()  # compile first: the compiler's own memory is not the step's
     gc.collect()
     method = "ru_maxrss"
@@ -686,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         print("note: --threads > 1 without OMP_WAIT_POLICY=PASSIVE; on a shared machine OpenMP's spinning "
               "can make steps 10-100x slower", file=sys.stderr)
     libs = Libraries(args.learn2learn)
-    names = available(libs, args.impls)
+    names = available(libs, args.impls, args.device)
     reference_name = "learn2learn" if libs["learn2learn"][0] is not None else "learn2learn-style"
     results = {"machine": machine_info(args.device, args.threads), "args": vars(args),
                "libraries": {k: v[1] for k, v in libs.items()}, "cases": {}}
@@ -697,13 +732,25 @@ def main(argv: list[str] | None = None) -> None:
         case = CASES[case_name]
         print(f"\n== {case.title}", flush=True)
         case_start = time.perf_counter()
-        case_names = [n for n in names if n != "fastmaml compile" or case.compile]
+        case_names = [n for n in names if (n != "fastmaml compile" or case.compile)
+                      and (n != "fastmaml cudagraphs" or case.cudagraphs)]
+        compiled = [n for n in case_names if n in COMPILED]
+        if compiled:
+            torch._dynamo.reset()  # a fresh compiler state per case: no shapes, recompiles or graphs carried over
         errors = {} if args.no_check else check_gradients(case, case_names, libs, args.device, args.tolerance)
         rounds = args.rounds or case.rounds
         warmup = case.warmup if args.warmup is None else args.warmup
         if "fastmaml compile" in case_names:
             warmup = max(warmup, 2)  # the first call compiles
-        samples = time_case(case, case_names, libs, args.device, rounds, warmup)
+        if "fastmaml cudagraphs" in case_names:
+            warmup = max(warmup, 3)  # the first call compiles, the second records the graphs
+        if compiled:
+            torch._dynamo.reset()
+            print(f"  compiling and warming up {', '.join(compiled)} ({warmup} untimed steps each)", flush=True)
+        warmup_s: dict[str, float] = {}
+        samples = time_case(case, case_names, libs, args.device, rounds, warmup, warmup_s)
+        for name in compiled:
+            print(f"  {name}: {warmup} warm-up steps (compiling included) took {warmup_s[name]:.1f} s", flush=True)
         impls = {}
         for name in case_names:
             label = reference_name if name == "learn2learn" else name
@@ -711,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
             cpu_ms = [s * 1e3 for s in samples[name][1]]
             impls[label] = {"ms_median": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms), "ms": ms,
                             "cpu_ms_median": statistics.median(cpu_ms), "cpu_ms": cpu_ms,
-                            "grad_rel_err": errors.get(name)}
+                            "grad_rel_err": errors.get(name), "warmup_s": warmup_s.get(name)}
         if not args.no_memory:
             for name in case_names:
                 label = reference_name if name == "learn2learn" else name

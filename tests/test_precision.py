@@ -114,6 +114,7 @@ def test_config_keys_reach_the_learner_and_bad_values_name_the_key() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.filterwarnings("ignore:.*TensorFloat32")  # inductor's advice on Ampere+ cards, not a fault
 def test_reduce_overhead_on_cuda_matches_eager() -> None:
     """compile_mode='reduce-overhead' replays the meta-step as CUDA graphs: same meta-gradient."""
     from fastmaml.tasks.sinusoid import SinusoidTasks
