@@ -477,17 +477,18 @@ def test_5way_1shot_learns_above_chance_on_the_fixture(pristine, tmp_path, cache
     """40 meta-iterations on 6 colour-coded classes, tested on 5 unseen ones (about 20 s on one busy core).
 
     84x84 images make every step costly on a CPU, so the run is short and the step sizes larger
-    than the paper's (inner 0.1, outer 0.003) to learn within it.
+    than the paper's (inner 0.02 on the summed loss, i.e. 0.1 on the mean; outer 0.003) to learn
+    within it.
     """
     config = load_config("miniimagenet_5way1shot", [
         f"task.data_root={pristine['csv']}", f"task.cache_dir={cache}", "task.queries=3", "model.filters=8",
-        "meta.inner_steps=1", "meta.inner_lr=0.1", "train.outer_lr=0.003", "train.meta_batch=2",
+        "meta.inner_steps=1", "meta.inner_lr=0.02", "train.outer_lr=0.003", "train.meta_batch=2",
         "train.iterations=40", "train.val_every=0", "train.log_every=20", "train.checkpoint_every=40",
         "eval.tasks=40", "eval.steps=1", "eval.queries=3", "eval.batch=20",
     ])
     train(config, tmp_path / "run", progress=False)
     accuracy = evaluate_run(tmp_path / "run", "last")["by_shots"]["1"]["accuracy"]["mean"]
-    # chance is 0.2 (labels are permuted per task, so 0 steps stays near it); runs gave 0.56-0.59 after 1 step
+    # chance is 0.2 (labels are permuted per task, so 0 steps stays near it); 0.70 after 1 step measured
     assert accuracy[1] > 0.4 and accuracy[1] > accuracy[0] + 0.15, accuracy
 
 

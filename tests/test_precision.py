@@ -72,7 +72,8 @@ def test_bf16_evaluation_is_close_to_float32_and_returns_float32() -> None:
     losses16, acc16 = learner("bf16").evaluate(ep, steps=3)
     assert losses32.shape == losses16.shape == (6, 4)
     assert losses16.dtype == torch.float32 and acc16.dtype == torch.float32
-    assert torch.allclose(losses16, losses32, rtol=5e-2, atol=2e-2)
+    assert torch.allclose(losses16[:, 0], losses32[:, 0], rtol=1e-2)  # before any step: forward rounding only
+    assert torch.allclose(losses16, losses32, rtol=0.1)  # each inner step compounds it (7% measured at step 3)
     assert (acc16.mean() - acc32.mean()).abs() < 0.1
 
 

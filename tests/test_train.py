@@ -138,6 +138,13 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "| 5 |" in out and "3 steps" in out
     assert json.loads((run / "eval.json").read_text())["tasks"] == 50
+    # overrides after options are overrides too; anything else is still refused
+    assert cli_main(["eval", str(run), "--checkpoint", "last", "eval.tasks=20", "eval.steps=2", "--name", "late"]) == 0
+    assert json.loads((run / "late.json").read_text())["tasks"] == 20
+    with pytest.raises(SystemExit):
+        cli_main(["eval", str(run), "--checkpoint", "last", "--bogus"])
+    with pytest.raises(SystemExit):
+        cli_main(["plot", str(run), "eval.tasks=3"])  # plot takes no overrides
     assert cli_main(["plot", str(run)]) == 0
     for name in ("learning_curves.png", "eval_steps.png", "sinusoid_fits.png"):
         assert (run / name).stat().st_size > 10_000

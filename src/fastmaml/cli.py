@@ -12,7 +12,13 @@ from fastmaml.config import ConfigError, load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # section.key=value after an option (`eval RUN --checkpoint last eval.tasks=1000`) is an override too
+    stray = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
