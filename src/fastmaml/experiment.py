@@ -13,7 +13,7 @@ from torch import nn
 
 from fastmaml.config import Config, ConfigError
 from fastmaml.episode import Episode
-from fastmaml.learners import ANIL, COMPILE_MODES, MAML, MAMLPlusPlus, MetaSGD
+from fastmaml.learners import ANIL, COMPILE_MODES, MAML, PRECISIONS, MAMLPlusPlus, MetaSGD
 from fastmaml.models import BatchNormMLP, ConvNet, sinusoid_mlp
 from fastmaml.tasks.sinusoid import SinusoidTasks
 
@@ -44,7 +44,7 @@ def build_learner(config: Config, device: torch.device) -> MAML:
     meta = config.meta
     if meta.strategy not in ("auto", "vmap", "loop"):
         raise ConfigError(f"unknown meta.strategy {meta.strategy!r}; use auto, vmap or loop")
-    if meta.precision not in ("fp32", "bf16"):
+    if meta.precision not in PRECISIONS:
         raise ConfigError(f"unknown meta.precision {meta.precision!r}; use fp32 or bf16")
     if meta.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"unknown meta.compile_mode {meta.compile_mode!r}; use one of {', '.join(COMPILE_MODES)}")

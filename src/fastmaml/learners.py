@@ -38,6 +38,7 @@ from fastmaml.models import TaskBatchNorm, check_meta_learnable, per_step_batchn
 from fastmaml.rules import SGD, InnerRule, Params, PerLayerPerStepLR, PerParameterLR
 
 Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -213,7 +214,7 @@ class MAML(nn.Module):
                                  f"({per_step[0]!r} is a per-step TaskBatchNorm); use compile=False")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile_mode {compile_mode!r}; use one of {', '.join(COMPILE_MODES)}")
-        if precision not in ("fp32", "bf16"):
+        if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use 'fp32' or 'bf16'")
         self.compile_objective = compile  # not `self.compile`: that is nn.Module.compile
         self.compile_mode = compile_mode
