@@ -27,7 +27,7 @@
 #      compiled run that fails before its first checkpoint is re-run eager); then `fastmaml eval` of its
 #      last checkpoint (paper protocol: 600 tasks, 1 query/class) in fp32 and in bf16
 #      (meta.precision=bf16), and of the committed CPU-trained checkpoint (results/omniglot_5way1shot_cpu,
-#      98.83% on CPU) in fp32 and bf16.
+#      99.07% on CPU) in fp32 and bf16.
 #   4. The four test files' other (CPU) tests under this torch, with the time left (rest).
 #   5. Summary table (ms/step and ratios vs learn2learn-style, time to accuracy, steps), printed last
 #      and written to $OUT/summary.md.
