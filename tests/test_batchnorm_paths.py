@@ -1,0 +1,86 @@
+"""TaskBatchNorm's two paths: torch's fused kernel outside vmap, elementary ops under vmap.
+
+The fused kernel is exact but its vmap batching rules were not (second-order meta-gradients
+7e-3 to 3e-2 off in torch 2.13), so the path is chosen by the transform stack. These tests pin
+the dispatch and check that both paths compute the same function to every derivative order used
+by MAML (float64).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmaml import TaskBatchNorm
+from fastmaml.models import inside_vmap
+
+
+def test_inside_vmap_sees_vmap_at_any_level_of_the_transform_stack():
+    seen = []
+
+    def probe(x):
+        seen.append(inside_vmap())
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.grad(probe)(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))
+    torch.func.grad(lambda x: torch.func.vmap(probe)(x).sum())(torch.ones(3, 2))
+    assert seen == [False, False, True, True, True]
+
+
+def _layer(steps: int = 1) -> TaskBatchNorm:
+    torch.manual_seed(0)
+    layer = TaskBatchNorm(3, steps=steps).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def _second_order(apply, layer: TaskBatchNorm, x: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of a function of the first derivatives: what MAML's outer backward computes."""
+    x = x.clone().requires_grad_(True)
+    out = apply(x)
+    first = torch.autograd.grad((out.sin() * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                [x, layer.weight, layer.bias], create_graph=True)
+    objective = sum((g * g).sum() for g in first) + out.pow(2).sum()
+    return [out.detach(), *torch.autograd.grad(objective, [x, layer.weight, layer.bias])]
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (5, 3, 4, 4)], ids=["linear", "conv"])
+def test_fused_and_elementary_paths_agree_to_second_order_float64(shape):
+    layer = _layer()
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    fused = _second_order(layer, layer, x)
+    elementary = _second_order(lambda t: torch.func.vmap(layer)(t.unsqueeze(0)).squeeze(0), layer, x)
+    for a, b in zip(fused, elementary):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all(g.abs().max() > 0 for g in fused[1:])
+
+
+def test_fused_path_uses_the_current_steps_weights():
+    from fastmaml.context import at_step
+
+    layer = _layer(steps=3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for step in range(4):
+        with at_step(step):
+            fused = layer(x)
+            elementary = torch.func.vmap(layer)(x.unsqueeze(0)).squeeze(0)
+        torch.testing.assert_close(fused, elementary, rtol=1e-12, atol=1e-12)
+        with at_step(min(step, 2)):
+            expected = layer(x)
+        torch.testing.assert_close(fused, expected)
+
+
+def test_reduced_precision_input_keeps_float32_statistics():
+    layer = TaskBatchNorm(3)
+    torch.manual_seed(0)
+    x = (torch.randn(64, 3) + 30).bfloat16()  # |mean| >> std: a mean rounded to bf16 is ~0.1 off
+    out = layer(x)
+    assert out.dtype == torch.float32
+    exact = x.double()
+    exact = (exact - exact.mean(0)) / torch.sqrt(exact.var(0, correction=0) + layer.eps)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-4)
