@@ -52,7 +52,7 @@ def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 BENCHMARK_CASES = {
     "sinusoid": (("cpu", False, 25, 20, 1), Plan("vmap")),
     "omniglot-5w1s": (("cpu", True, 32, 10, 28 * 28), Plan("vmap")),
-    "omniglot-5w1s-q15": (("cpu", True, 32, 80, 28 * 28), Plan("vmap", 4)),
+    "omniglot-5w1s-q15": (("cpu", True, 32, 80, 28 * 28), Plan("loop", 1)),
     "omniglot-20w1s": (("cpu", True, 16, 40, 28 * 28), Plan("vmap", 8)),
     "miniimagenet-5w1s": (("cpu", True, 4, 80, 3 * 84 * 84), Plan("loop", 1)),
     "omniglot-5w1s-cuda": (("cuda", True, 32, 80, 28 * 28), Plan("vmap")),
@@ -66,10 +66,12 @@ def test_rule_picks_the_measured_fastest_plan_for_the_benchmark_cases(case: str)
     assert choose_strategy(device, has_conv, tasks, examples, numel) == expected
 
 
-def test_rule_sizes_chunks_by_input_elements_and_never_chunks_one_chunk() -> None:
-    assert choose_strategy("cpu", True, 8, 80, 784) == Plan("vmap", 4)  # 2**18 // (80 * 784) = 4 tasks
-    assert choose_strategy("cpu", True, 4, 80, 784) == Plan("vmap")
+def test_rule_sizes_chunks_by_input_elements_loops_over_large_tasks_and_never_chunks_one_chunk() -> None:
+    assert choose_strategy("cpu", True, 16, 40, 784) == Plan("vmap", 8)  # 2**18 // (40 * 784) = 8 tasks
+    assert choose_strategy("cpu", True, 8, 40, 784) == Plan("vmap")
     assert choose_strategy("cpu", True, 64, 10, 784) == Plan("vmap", 33)
+    assert choose_strategy("cpu", True, 32, 41, 784) == Plan("vmap", 8)  # 32,144 elements per task <= 2**15
+    assert choose_strategy("cpu", True, 32, 42, 784) == Plan("loop", 1)  # 32,928 > 2**15: task by task
     assert choose_strategy("cpu", True, 1, 80, 3 * 84 * 84) == Plan("loop")
 
 
@@ -80,7 +82,7 @@ def test_learner_plan_reads_model_data_shape_and_device() -> None:
     conv = fastmaml.MAML(fastmaml.ConvNet(5), loss="cross_entropy")
     q15 = Episode(torch.zeros(32, 5, 1, 28, 28), torch.zeros(32, 5, dtype=torch.long),
                   torch.zeros(32, 75, 1, 28, 28), torch.zeros(32, 75, dtype=torch.long))
-    assert conv.plan(q15) == Plan("vmap", 4)
+    assert conv.plan(q15) == Plan("loop", 1)
     mini = fastmaml.MAML(fastmaml.ConvNet(5, 3, 32, pool=True, image_size=84), loss="cross_entropy")
     big = Episode(torch.zeros(4, 5, 3, 84, 84), torch.zeros(4, 5, dtype=torch.long),
                   torch.zeros(4, 75, 3, 84, 84), torch.zeros(4, 75, dtype=torch.long))
@@ -119,7 +121,7 @@ def test_auto_meta_gradient_equals_the_loop_reference_conv(tasks: int, algorithm
 
 
 def test_auto_meta_gradient_equals_the_loop_reference_when_it_picks_the_loop(monkeypatch) -> None:
-    monkeypatch.setattr(core, "AUTO_CHUNK_INPUT_NUMEL", 100)  # these tiny tasks stand in for MiniImagenet's
+    monkeypatch.setattr(core, "AUTO_LOOP_TASK_NUMEL", 100)  # these tiny tasks stand in for MiniImagenet's
     model = tiny_conv().double()
     auto = fastmaml.MAML(model, 0.3, 2, loss="cross_entropy")
     loop = fastmaml.MAML(model, 0.3, 2, loss="cross_entropy", strategy="loop")

@@ -53,7 +53,11 @@ class Plan:
 
 AUTO_CHUNK_INPUT_NUMEL = 2**18
 """Most input elements (support + query examples of all its tasks) per vmapped chunk of a conv
-net on CPU; a task larger than this runs alone, in the loop."""
+net on CPU."""
+
+AUTO_LOOP_TASK_NUMEL = 2**15
+"""Input elements of one task above which a conv net on CPU runs task by task (the loop), where
+``TaskBatchNorm`` uses torch's fused kernel and small batched convolutions stop paying off."""
 
 
 def choose_strategy(
@@ -68,32 +72,31 @@ def choose_strategy(
         examples_per_task: support + query examples of one task.
         example_numel: elements of one input example (e.g. 1 * 28 * 28 for Omniglot).
 
-    The rule on CPU, from ``benchmarks/strategies.py`` and ``benchmarks/compare.py`` (one thread,
-    process CPU ms per meta-training step, medians of 3-15 interleaved rounds, ranges over 2-4
-    runs; torch 2.13 on a 2-vCPU Xeon with AVX-512 shared with other jobs, so differences under
-    ~10% are noise; docs/benchmarks.md has the tables):
+    The rule on CPU, from ``benchmarks/strategies.py`` (one thread, process CPU ms per
+    meta-training step, medians of 2-7 interleaved rounds; torch 2.13 on a 2-vCPU Xeon with AVX-512
+    shared with training jobs, so differences under ~5% are noise; learn2learn in the same run as
+    the reference; docs/benchmarks.md has the tables). Outside ``vmap`` :class:`TaskBatchNorm`
+    runs torch's fused BatchNorm kernel, under ``vmap`` elementary ops (the fused kernel's batching
+    rules give wrong second-order gradients), which is what moves the crossover:
 
     - **No convolutions: vmap over the whole meta-batch.** Per-task work is a few small matmuls,
       so a loop pays Python and dispatch overhead T times. Sinusoid (MLP 1-40-40-1, T = 25):
       vmap 3.3 ms, vmap in chunks of 16/8 tasks 5.6/10.0 ms, loop 26 ms (learn2learn 24).
-    - **Convolutions: vmap in chunks of ``AUTO_CHUNK_INPUT_NUMEL // (input elements per task)``
-      tasks (2**18 = 262,144 input elements, e.g. 320 Omniglot images), each chunk backpropagated
-      before the next is built; no chunks when the meta-batch fits in one.** Under vmap a
-      convolution whose weights differ per task becomes one grouped convolution, and the batched
-      activations of a big meta-batch come back as fresh pages every step (the whole-batch vmap of
-      Omniglot with 15 queries/class spent 0.8-1.3 s of its ~2.3 s CPU time in the kernel, page
-      faults, while its user time was the lowest of all). Omniglot 5-way 1-shot, 15 queries/class
-      (T = 32, 62,720 input elements per task, rule: chunks of 4): whole 2260-2339, chunks of
-      1/2/4/8/16: 1788/1668/1556-1584/1514-1799/2244, loop 1655-1692 (learn2learn 1577-1612).
-      Omniglot 20-way 1-shot, 5 steps (T = 16, 31,360, rule: chunks of 8): whole 2737-2884,
-      chunks of 2/4/8: 2730-2789/2578-2629/2501-2593, loop 2801-3036 (learn2learn 2747-2803).
-      Omniglot 5-way 1-shot, 1 query/class (T = 32, 7,840, rule: whole): whole 323-394, chunks
-      of 8/16: 343-387/354, loop 589-617 (learn2learn 520-576).
-    - **Convolutions, one task above ``AUTO_CHUNK_INPUT_NUMEL``: the loop, each task
-      backpropagated before the next.** MiniImagenet 5-way 1-shot, 15 queries/class (84x84 RGB,
-      1,693,440 elements per task, T = 4, 5 steps): loop with one backward per task 4545, vmap
-      one task at a time 4693, loop with one graph 5137, vmap in chunks of 2 5786, whole vmap 8660
-      (learn2learn 4497).
+    - **Convolutions, tasks of at most ``AUTO_LOOP_TASK_NUMEL`` input elements: vmap, in chunks of
+      ``AUTO_CHUNK_INPUT_NUMEL // (input elements per task)`` tasks, each chunk backpropagated
+      before the next is built; no chunks when the meta-batch fits in one.** Batching the many
+      small per-task kernels wins while tasks are small; chunks bound the batched activations,
+      which otherwise come back as fresh pages every step. Omniglot 5-way 1-shot, 1 query/class
+      (T = 32, 7,840 input elements per task, rule: whole): vmap 377, loop 486 (learn2learn 469).
+      Omniglot 20-way 1-shot, 5 steps (T = 16, 31,360, rule: chunks of 8): chunks of 1/4/8:
+      2905/2477/2555, loop 2680 (learn2learn 2609).
+    - **Convolutions, larger tasks: the loop, each task backpropagated before the next (memory
+      like learn2learn's).** Omniglot 5-way 1-shot, 15 queries/class (62,720): loop 1099-1108,
+      chunks of 1/4/8: 1485/1327/1575 (learn2learn 1070). Omniglot 5-way 5-shot, 5 queries/class
+      (39,200, a tie): loop 1471-1552, chunks of 4: 1486 (learn2learn 1466). Omniglot 20-way
+      5-shot, 5 queries/class (156,800): loop 11071-11313, chunks of 1: 11377 (learn2learn 11126).
+      MiniImagenet 5-way 1-shot first order (1,693,440 per task, T = 4): loop with one backward
+      per task 2339, one graph 2736, vmap one task at a time 3938 (learn2learn 2331).
 
     On other devices (CUDA): vmap over the whole meta-batch. Not measured (no GPU in the sessions
     that wrote this rule); many small kernel launches favour batching on GPUs, but treat it as a
@@ -101,9 +104,10 @@ def choose_strategy(
     """
     if device_type != "cpu" or not has_conv:
         return Plan("vmap")
-    chunk = AUTO_CHUNK_INPUT_NUMEL // max(1, examples_per_task * example_numel)
-    if chunk < 1:
+    task_numel = max(1, examples_per_task * example_numel)
+    if task_numel > AUTO_LOOP_TASK_NUMEL:
         return Plan("loop", 1 if tasks > 1 else None)
+    chunk = AUTO_CHUNK_INPUT_NUMEL // task_numel
     return Plan("vmap", chunk if tasks > chunk else None)
 
 
