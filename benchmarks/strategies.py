@@ -6,7 +6,7 @@ per-task loop (one graph, and one backward per task), the plan ``auto`` picks, a
 CPU time per meta-training step (median). These numbers are the evidence behind
 :func:`fastmaml.core.choose_strategy`.
 
-    python benchmarks/strategies.py [--cases omniglot-5w1s-q15 ...] [--rounds 3] [--json out.json]
+    python benchmarks/strategies.py [--cases omniglot-5w1s-q15 ...] [--rounds 3] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,8 +53,13 @@ def main() -> None:
     parser.add_argument("--plans", nargs="+", default=PLANS)
     parser.add_argument("--rounds", type=int, default=None, help="default: compare.py's per case")
     parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1); above 1: wall ms, for an idle machine")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    # One thread: process CPU time, which a shared machine disturbs least. Several threads: wall
+    # time (CPU time would add the threads up), so run on an otherwise idle machine.
+    clock, unit = (time.process_time, "CPU ms") if args.threads == 1 else (time.perf_counter, "wall ms")
     libs = compare.Libraries("auto")
     reference = "learn2learn" if libs["learn2learn"][0] is not None else "learn2learn-style"
     results = {}
@@ -76,15 +81,16 @@ def main() -> None:
         names = list(steps)
         for r in range(args.rounds or case.rounds):
             for plan in names[r % len(names):] + names[: r % len(names)]:
-                start = time.process_time()
+                start = clock()
                 for _ in range(case.repeat):
                     steps[plan]()
-                cpu[plan].append((time.process_time() - start) / case.repeat * 1e3)
+                cpu[plan].append((clock() - start) / case.repeat * 1e3)
         medians = {k: statistics.median(v) for k, v in cpu.items()}
-        results[name] = {"auto_plan": str(auto_plan), "cpu_ms_median": medians, "cpu_ms": cpu}
+        results[name] = {"auto_plan": str(auto_plan), "unit": unit, "threads": args.threads,
+                         "cpu_ms_median": medians, "cpu_ms": cpu}
         print(f"\n{case.title}\nauto picks {auto_plan}", flush=True)
         for plan, ms in medians.items():
-            print(f"  {plan:18s} {ms:9.1f} CPU ms/step  ({ms / medians[reference]:.2f}x {reference})", flush=True)
+            print(f"  {plan:18s} {ms:9.1f} {unit}/step  ({ms / medians[reference]:.2f}x {reference})", flush=True)
     columns = [p for p in [*args.plans, reference] if any(p in r["cpu_ms_median"] for r in results.values())]
     print("\n| case | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for name, r in results.items():
