@@ -52,6 +52,9 @@ class ModelConfig:
     """Conv filters per block (64 Omniglot, 32 MiniImagenet)."""
     init: str = "torch"
     """Initialisation: torch (PyTorch defaults) | paper (the original code's)."""
+    bn_scale: bool = True
+    """conv / bn_mlp: BatchNorm with a learned scale (PyTorch) or, false, offset only (the original
+    code's TensorFlow batch_norm default)."""
 
 
 @dataclass
@@ -66,6 +69,10 @@ class MetaConfig:
     """First-order MAML (drop second derivatives)."""
     reduction: str = "mean"
     """Inner-loss scale: mean (PyTorch) | sum_over_classes (the original TensorFlow code)."""
+    adapt_batchnorm: bool = True
+    """maml / metasgd: adapt BatchNorm's parameters in the inner loop, or, false, meta-learn them
+    only (the original code, whose batch_norm variables were outside the adapted weights; mamlpp
+    and anil never adapt them)."""
     strategy: str = "auto"
     """Execution over the tasks of a meta-batch: auto (per model, data shape and device; see
     fastmaml.core.choose_strategy) | vmap | loop."""

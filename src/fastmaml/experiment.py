@@ -14,7 +14,7 @@ from torch import nn
 from fastmaml.config import Config, ConfigError
 from fastmaml.episode import Episode
 from fastmaml.learners import ANIL, COMPILE_MODES, MAML, PRECISIONS, MAMLPlusPlus, MetaSGD
-from fastmaml.models import BatchNormMLP, ConvNet, sinusoid_mlp
+from fastmaml.models import BatchNormMLP, ConvNet, batchnorm_parameter_names, sinusoid_mlp
 from fastmaml.tasks.sinusoid import SinusoidTasks
 
 
@@ -32,10 +32,12 @@ def build_model(config: Config) -> nn.Module:
         return sinusoid_mlp(config.model.hidden, config.model.init)
     if name == "conv":
         if config.task.name == "miniimagenet":  # the paper's MiniImagenet net: max-pool, 84x84 RGB
-            return ConvNet(ways=ways, in_channels=3, filters=config.model.filters, pool=True, image_size=84)
-        return ConvNet(ways=ways, in_channels=1, filters=config.model.filters, pool=False, image_size=28)
+            return ConvNet(ways=ways, in_channels=3, filters=config.model.filters, pool=True, image_size=84,
+                           bn_scale=config.model.bn_scale)
+        return ConvNet(ways=ways, in_channels=1, filters=config.model.filters, pool=False, image_size=28,
+                       bn_scale=config.model.bn_scale)
     if name == "bn_mlp":
-        return BatchNormMLP(ways=ways, in_features=28 * 28)
+        return BatchNormMLP(ways=ways, in_features=28 * 28, bn_scale=config.model.bn_scale)
     raise ConfigError(f"unknown model.name {name!r}; use sinusoid_mlp, conv or bn_mlp")
 
 
@@ -61,6 +63,9 @@ def build_learner(config: Config, device: torch.device) -> MAML:
     }
     model = build_model(config)
     steps = meta.inner_steps
+    if not meta.adapt_batchnorm and meta.algorithm in ("maml", "metasgd"):  # mamlpp and anil never adapt it
+        frozen = set(batchnorm_parameter_names(model))
+        common["adapted_names"] = [n for n, _ in model.named_parameters() if n not in frozen]
     if meta.algorithm == "maml":
         learner = MAML(model, meta.inner_lr, steps, meta.first_order, **common)
     elif meta.algorithm == "pretrain":

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fastmaml import core
 from fastmaml.episode import Episode
 from fastmaml.losses import LossName, Reduction, make_loss
-from fastmaml.models import TaskBatchNorm, check_meta_learnable, per_step_batchnorm
+from fastmaml.models import TaskBatchNorm, batchnorm_parameter_names, check_meta_learnable, per_step_batchnorm
 from fastmaml.rules import SGD, InnerRule, Params, PerLayerPerStepLR, PerParameterLR
 
 Precision = Literal["fp32", "bf16"]
@@ -474,8 +474,7 @@ def MAMLPlusPlus(
     """
     if per_step_bn:
         model = per_step_batchnorm(model, inner_steps + 1)
-    norm = {f"{name}.{p}" if name else p for name, m in model.named_modules() if isinstance(m, TaskBatchNorm)
-            for p in ("weight", "bias")}
+    norm = set(batchnorm_parameter_names(model))
     adapted = [n for n, _ in model.named_parameters() if n not in norm]
     schedule = MAMLPlusPlusSchedule(inner_steps, msl_iterations, first_order_iterations)
     rule = PerLayerPerStepLR(inner_lr, inner_steps) if learn_inner_lr else SGD(inner_lr)

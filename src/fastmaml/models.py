@@ -43,9 +43,12 @@ class TaskBatchNorm(nn.Module):
     ``steps > 1`` gives MAML++'s per-step weights: one (weight, bias) pair per inner-loop
     trajectory point, chosen by :func:`fastmaml.context.current_step` (points past the last reuse
     it). Statistics are the current batch's at every step, so they are per step by construction.
+    ``scale=False`` keeps the learned offset but no learned scale: TensorFlow's
+    ``tf.contrib.layers.batch_norm`` default, which the original MAML code used.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, steps: int = 1) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, steps: int = 1,
+                 scale: bool = True) -> None:
         super().__init__()
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -53,19 +56,24 @@ class TaskBatchNorm(nn.Module):
         self.eps = eps
         self.steps = steps
         shape = (num_features,) if steps == 1 else (steps, num_features)
-        self.weight = nn.Parameter(torch.ones(shape)) if affine else None
+        self.weight = nn.Parameter(torch.ones(shape)) if affine and scale else None
         self.bias = nn.Parameter(torch.zeros(shape)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"TaskBatchNorm({self.num_features}) got input of shape {tuple(x.shape)}")
         weight, bias = self.weight, self.bias
-        if weight is not None and self.steps > 1:
+        if self.steps > 1:
             index = min(current_step(), self.steps - 1)
-            weight, bias = weight[index], bias[index]
-        if not inside_vmap() and (weight is None or x.dtype == weight.dtype):
+            weight = None if weight is None else weight[index]
+            bias = None if bias is None else bias[index]
+        if not inside_vmap() and all(p is None or p.dtype == x.dtype for p in (weight, bias)):
             # torch's fused kernel: one pass for the statistics, one for the output, and fused
             # backward passes (double backward is composite); exact outside vmap.
+            if weight is None and bias is not None:
+                # torch 2.13's double backward fails on a bias without a weight ("Expected a proper
+                # Tensor but got None"); a constant unit scale is the same function.
+                weight = torch.ones_like(bias)
             return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
         dims = [0, *range(2, x.dim())]
         # Statistics in float32 even under bfloat16 autocast (as cuDNN's BatchNorm): a mean rounded
@@ -76,13 +84,13 @@ class TaskBatchNorm(nn.Module):
         mean = stats_input.mean(dim=dims, keepdim=True)
         centred = stats_input - mean
         scale = torch.rsqrt((centred * centred).mean(dim=dims, keepdim=True) + self.eps)
-        if weight is not None:
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            return centred * (scale * weight.view(shape)) + bias.view(shape)
-        return centred * scale
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        out = centred * (scale if weight is None else scale * weight.view(shape))
+        return out if bias is None else out + bias.view(shape)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}, steps={self.steps}"
+        return (f"{self.num_features}, eps={self.eps}, affine={self.bias is not None}, steps={self.steps}, "
+                f"scale={self.weight is not None}")
 
 
 def per_step_batchnorm(model: nn.Module, steps: int) -> nn.Module:
@@ -94,11 +102,12 @@ def per_step_batchnorm(model: nn.Module, steps: int) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, TaskBatchNorm) and child.steps == 1:
-                replacement = TaskBatchNorm(child.num_features, child.eps, child.weight is not None, steps)
-                if child.weight is not None:
-                    replacement = replacement.to(device=child.weight.device, dtype=child.weight.dtype)
-                    replacement.weight.data.copy_(child.weight.data.expand(steps, -1))
-                    replacement.bias.data.copy_(child.bias.data.expand(steps, -1))
+                replacement = TaskBatchNorm(child.num_features, child.eps, child.bias is not None, steps,
+                                            scale=child.weight is not None)
+                for name in ("weight", "bias"):
+                    old, new = getattr(child, name), getattr(replacement, name)
+                    if old is not None:
+                        new.data = old.data.expand(steps, -1).clone()
                 setattr(module, child_name, replacement)
     return model
 
@@ -119,6 +128,14 @@ def convert_batchnorm(model: nn.Module) -> nn.Module:
                     replacement.bias.data.copy_(child.bias.data)
                 setattr(module, child_name, replacement)
     return model
+
+
+def batchnorm_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the :class:`TaskBatchNorm` parameters of ``model`` (to keep them out of the inner
+    loop, as MAML++ and the original MAML code do)."""
+    return [f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules() if isinstance(module, TaskBatchNorm)
+            for name, _ in module.named_parameters(recurse=False)]
 
 
 def check_meta_learnable(model: nn.Module) -> None:
@@ -157,13 +174,15 @@ class ConvNet(nn.Module):
     original code). MiniImagenet: ``filters=32, pool=True`` (max-pool, features flattened).
     """
 
-    def __init__(self, ways: int, in_channels: int = 1, filters: int = 64, pool: bool = False, image_size: int = 28):
+    def __init__(self, ways: int, in_channels: int = 1, filters: int = 64, pool: bool = False, image_size: int = 28,
+                 bn_scale: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(4):
             stride = 1 if pool else 2
-            layers += [nn.Conv2d(channels, filters, 3, stride=stride, padding=1), TaskBatchNorm(filters), nn.ReLU()]
+            conv = nn.Conv2d(channels, filters, 3, stride=stride, padding=1)
+            layers += [conv, TaskBatchNorm(filters, scale=bn_scale), nn.ReLU()]
             if pool:
                 layers.append(nn.MaxPool2d(2))
             channels = filters
@@ -183,12 +202,13 @@ class ConvNet(nn.Module):
 class BatchNormMLP(nn.Module):
     """The paper's non-convolutional Omniglot network: 256-128-64-64 with TaskBatchNorm and ReLU."""
 
-    def __init__(self, ways: int, in_features: int = 784, hidden: tuple[int, ...] = (256, 128, 64, 64)):
+    def __init__(self, ways: int, in_features: int = 784, hidden: tuple[int, ...] = (256, 128, 64, 64),
+                 bn_scale: bool = True):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for size in hidden:
-            layers += [nn.Linear(width, size), TaskBatchNorm(size), nn.ReLU()]
+            layers += [nn.Linear(width, size), TaskBatchNorm(size, scale=bn_scale), nn.ReLU()]
             width = size
         layers.append(nn.Linear(width, ways))
         self.net = nn.Sequential(*layers)
