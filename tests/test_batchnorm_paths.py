@@ -13,7 +13,7 @@ import torch
 
 import fastmaml
 from fastmaml import TaskBatchNorm
-from fastmaml.models import inside_vmap
+from fastmaml.context import inside_vmap, outside_transforms
 
 
 def test_inside_vmap_sees_vmap_at_any_level_of_the_transform_stack():
@@ -29,6 +29,19 @@ def test_inside_vmap_sees_vmap_at_any_level_of_the_transform_stack():
     torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))
     torch.func.grad(lambda x: torch.func.vmap(probe)(x).sum())(torch.ones(3, 2))
     assert seen == [False, False, True, True, True]
+
+
+def test_outside_transforms_is_false_under_any_transform():
+    seen = []
+
+    def probe(x):
+        seen.append(outside_transforms())
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.grad(probe)(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    assert seen == [True, False, False]
 
 
 def _layer(steps: int = 1, scale: bool = True) -> TaskBatchNorm:

@@ -293,7 +293,8 @@ def test_reference_is_sensitive_to_second_order_terms():
     assert rel_err(first, second) > 1e-2
 
 
-def meta_loss_of_flat(model: nn.Module, episode: Episode, loss: str, lr: float, steps: int, first_order: bool):
+def meta_loss_of_flat(model: nn.Module, episode: Episode, loss: str, lr: float, steps: int, first_order: bool,
+                      strategy: str = "vmap"):
     names = [k for k, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
@@ -309,6 +310,7 @@ def meta_loss_of_flat(model: nn.Module, episode: Episode, loss: str, lr: float, 
             forward, unflatten(vector), {}, {},
             episode.support_x, episode.support_y, episode.query_x, episode.query_y,
             inner_loss_fn=make_loss(loss), outer_loss_fn=make_loss(loss), rule=SGD(lr, first_order), steps=steps,
+            strategy=strategy,
         )
         return losses.mean()
 
@@ -316,13 +318,17 @@ def meta_loss_of_flat(model: nn.Module, episode: Episode, loss: str, lr: float, 
     return meta_loss, theta
 
 
-def test_second_order_meta_gradient_matches_central_finite_differences_float64():
-    """Every element of the 1-8-8-1 tanh MLP's meta-gradient vs a central difference of the meta-loss."""
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_second_order_meta_gradient_matches_central_finite_differences_float64(strategy):
+    """Every element of the 1-8-8-1 tanh MLP's meta-gradient vs a central difference of the meta-loss.
+
+    The loop's analytic gradient takes the plain-autograd inner gradient (grad mode, outside any
+    transform); its finite differences, under no_grad, take torch.func.grad."""
     torch.manual_seed(0)
     model = tanh_mlp(1, 8, 8, 1).double()
     episode = regression_episode(1, tasks=4)(torch.Generator().manual_seed(2))
     lr, steps, h = 0.1, 2, 1e-5
-    meta_loss, theta = meta_loss_of_flat(model, episode, "mse", lr, steps, first_order=False)
+    meta_loss, theta = meta_loss_of_flat(model, episode, "mse", lr, steps, first_order=False, strategy=strategy)
 
     theta_var = theta.clone().requires_grad_()
     (analytic,) = torch.autograd.grad(meta_loss(theta_var), theta_var)
@@ -337,7 +343,7 @@ def test_second_order_meta_gradient_matches_central_finite_differences_float64()
     assert err < 1e-6, f"second-order meta-gradient vs finite differences: rel err {err:.2e}"
 
     # The check has power: the first-order gradient of the same loss is far from the numeric one.
-    fo_loss, _ = meta_loss_of_flat(model, episode, "mse", lr, steps, first_order=True)
+    fo_loss, _ = meta_loss_of_flat(model, episode, "mse", lr, steps, first_order=True, strategy=strategy)
     theta_var = theta.clone().requires_grad_()
     (first_order,) = torch.autograd.grad(fo_loss(theta_var), theta_var)
     fo_err = ((first_order - numeric).abs().max() / numeric.abs().max()).item()
@@ -452,3 +458,25 @@ def test_meta_objective_rejects_unknown_strategy():
     episode = regression_episode(1)(torch.Generator().manual_seed(0)).to("cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match=r"unknown strategy 'pmap'"):
         core_meta_gradient(model, episode, "mse", 0.1, 1, strategy="pmap")
+
+
+def test_loop_meta_training_takes_the_plain_autograd_inner_gradient(monkeypatch):
+    """The per-task loop in grad mode must not go through torch.func.grad (the slower path), and
+    must still give the vmapped meta-gradient, second and first order."""
+    model = tanh_mlp(1, 8, 8, 1).double()
+    episode = regression_episode(1, tasks=3)(torch.Generator().manual_seed(4))
+    for first_order in (False, True):
+        learner = fastmaml.MAML(model, 0.1, 2, first_order, strategy="vmap")
+        reference = torch.autograd.grad(learner.meta_loss(episode).loss, list(model.parameters()))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("torch.func.grad called in the per-task loop")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.func, "grad", refuse)
+            loop = fastmaml.MAML(model, 0.1, 2, first_order, strategy="loop")
+            grads = torch.autograd.grad(loop.meta_loss(episode).loss, list(model.parameters()))
+        for a, b in zip(grads, reference):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # adaptation and evaluation still work without grad mode (torch.func.grad)
+        loop.adapt(episode.support_x[0], episode.support_y[0])

@@ -17,24 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmaml.context import current_step
-
-
-def inside_vmap() -> bool:
-    """Whether a ``torch.func.vmap`` is active at any level of the functorch transform stack.
-
-    Also true while ``torch.compile`` traces (the stack cannot be inspected there) and if this
-    torch lacks the stack API: callers then take the path that is exact everywhere.
-    """
-    if torch.compiler.is_compiling():
-        return True
-    functorch = torch._C._functorch
-    get_stack = getattr(functorch, "get_interpreter_stack", None)
-    vmap_key = getattr(getattr(functorch, "TransformType", None), "Vmap", None)
-    if get_stack is None or vmap_key is None:
-        return True
-    stack = get_stack()
-    return stack is not None and any(interpreter.key() == vmap_key for interpreter in stack)
+from fastmaml.context import current_step, inside_vmap
 
 
 class TaskBatchNorm(nn.Module):
