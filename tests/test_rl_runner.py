@@ -64,6 +64,34 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         runner.train_rl(load_rl_config(NAV, TINY), tmp_path / "a", progress=False)
 
 
+def test_sigint_stops_after_the_meta_iteration_and_checkpoints_it(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during meta-iteration 2 of 6 (checkpoints every 5): iteration 2 is saved, and the
+    default handler is back afterwards; resuming reaches the uninterrupted run's policy."""
+    import os
+    import signal
+
+    real_collect, calls = metarl.collect, []
+
+    def interrupt_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_collect(*args, **kwargs)
+
+    config = [*TINY, "train.checkpoint_every=5", "train.iterations=6"]
+    runner.train_rl(load_rl_config(NAV, config), tmp_path / "full", progress=False)
+    monkeypatch.setattr(metarl, "collect", interrupt_on_second)
+    result = runner.train_rl(load_rl_config(NAV, config), tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert result["iteration"] == 2 and checkpoint.load(tmp_path / "run" / "last.pt")["iteration"] == 2
+    assert read_metrics(tmp_path / "run")[-1]["event"] == "stopped"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert cli_main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    full, resumed = (checkpoint.load(tmp_path / r / "last.pt")["theta"] for r in ("full", "run"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0)
+
+
 def test_ppo_outer_step_resumes_exactly_with_its_optimizer_state(tmp_path: Path) -> None:
     ppo = [*TINY, "outer.method=ppo", "meta.first_order=true"]
     runner.train_rl(load_rl_config(NAV, [*ppo, "train.iterations=3"]), tmp_path / "a", progress=False)

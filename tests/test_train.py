@@ -70,6 +70,39 @@ def test_resume_after_sigkill_replays_the_uninterrupted_run(tmp_path: Path) -> N
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_sigint_checkpoints_the_finished_iteration_and_resume_replays_the_run(tmp_path: Path) -> None:
+    """Ctrl-C (or SIGTERM from a scheduler) mid-run: the last finished iteration is checkpointed,
+    not the last periodic checkpoint, and resuming gives the uninterrupted run's curve and weights."""
+    args = ["sinusoid", *QUICK, "train.iterations=1200", "train.threads=1", "train.checkpoint_every=1000"]
+    cmd = [sys.executable, "-m", "fastmaml.cli", "train", *args, "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cmd, "--run-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+
+    run = tmp_path / "stopped"
+    victim = subprocess.Popen([*cmd, "--run-dir", str(run)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(r.get("step", 0) >= 100 for r in read_metrics(run)) if (run / "metrics.jsonl").exists() else True:
+        assert victim.poll() is None, "training finished before it could be stopped; make it longer"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGINT)
+    _, stderr = victim.communicate(timeout=60)
+    assert victim.returncode == 0, stderr.decode()[-2000:]
+    state = checkpoint.load(run / "last.pt")
+    stopped_at = state["step"]
+    assert 100 <= stopped_at < 1000, "the stop must checkpoint its own iteration, not a periodic one"
+    event = read_metrics(run)[-1]
+    assert event["event"] == "stopped" and event["step"] == stopped_at and "--resume" in event["message"]
+
+    resume = [sys.executable, "-m", "fastmaml.cli", "train", "--resume", str(run), "--no-progress"]
+    subprocess.run(resume, check=True, env=env, capture_output=True)
+    assert _losses(run) == _losses(tmp_path / "full")
+    full = checkpoint.load(tmp_path / "full" / "last.pt")["learner"]
+    resumed = checkpoint.load(run / "last.pt")["learner"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fastmaml.train as train_module
 

@@ -115,6 +115,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, run_dir, resume=args.resume is not None, progress=not args.no_progress)
     if result["rank"] == 0:  # under torchrun, one report for the job
         print(f"trained {result['step']} iterations on {result['world_size']} process(es); run directory: {run_dir}")
+        if result.get("stopped"):
+            print(f"stopped by a signal and checkpointed; continue with: fastmaml train --resume {run_dir}")
     return 0
 
 

@@ -8,6 +8,8 @@ device and software.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,37 @@ CONFIG = "config.yaml"
 
 class TrainingDiverged(RuntimeError):
     """The meta-loss or meta-gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+class StopRequest:
+    """Set by SIGINT / SIGTERM while training: finish the iteration, checkpoint it, return.
+
+    The first signal asks for a clean stop (no finished iteration is lost, ``--resume`` goes on
+    from it); a second one restores the default handlers, so it interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Handle the signals from now on (only the main thread may; elsewhere this does nothing)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before :meth:`install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.requested = True
+        self.uninstall()
 
 
 def sample_validation(tasks: TaskSource, count: int, batch: int, seed: int, device: torch.device) -> list[Episode]:
@@ -167,6 +200,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
                desc=config.name)
     params = [p for p in learner.parameters() if p.requires_grad]
     tick, tick_step = time.perf_counter(), step
+    stop = StopRequest()
+    stop.install()
     try:
         while step < cfg.iterations:
             learner.begin_iteration(step)  # e.g. MAML++'s annealed multi-step loss and derivative order
@@ -178,12 +213,16 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
                 out = learner.meta_loss(episode)
                 out.loss.backward()
             if ctx.enabled:  # global means: the gradient and loss of the whole meta-batch
-                scalars = [out.loss] if out.accuracy is None else [out.loss, out.accuracy]
+                scalars = [out.loss, out.loss.new_tensor(float(stop.requested))]
+                if out.accuracy is not None:
+                    scalars.append(out.accuracy)
                 reduced = ctx.average_gradients([p for p in params if p.grad is not None], scalars)
-                loss, accuracy = reduced[0], (reduced[1] if out.accuracy is not None else 0.0)
+                loss, accuracy = reduced[0], (reduced[2] if out.accuracy is not None else 0.0)
+                stopping = reduced[1] > 0  # any rank asked: all stop after this same iteration
             else:
                 loss = out.loss.item()
                 accuracy = out.accuracy.item() if out.accuracy is not None else 0.0
+                stopping = stop.requested
             grad_norm = _grad_norm(learner, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(
@@ -223,19 +262,26 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
                                                run_dir / BEST)
                 best = ctx.broadcast_object(best)
 
-            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations or stopping:
                 last = snapshot()
                 if last is not None:
                     checkpoint.save_atomic(last, run_dir / LAST)
+            if stopping:
+                if log is not None:
+                    log.write(step, event="stopped", message=f"stopped by a signal after iteration {step}; "
+                              f"checkpointed to {run_dir / LAST}: continue with --resume")
+                break
     except TrainingDiverged as error:
         if log is not None:
             log.write(step, event="diverged", message=str(error))
         raise
     finally:
+        stop.uninstall()
         bar.close()
         if log is not None:
             log.close()
-    return {"step": step, "best": best, "run_dir": str(run_dir), "rank": ctx.rank, "world_size": ctx.world_size}
+    return {"step": step, "best": best, "run_dir": str(run_dir), "rank": ctx.rank, "world_size": ctx.world_size,
+            "stopped": step < cfg.iterations}
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:

@@ -27,7 +27,7 @@ from fastmaml.rl.config import RLConfig, load_rl_config
 from fastmaml.rl.envs import make_batch_env
 from fastmaml.rl.sampling import BatchEnv
 from fastmaml.runlog import RunLog
-from fastmaml.train import TrainingDiverged
+from fastmaml.train import StopRequest, TrainingDiverged
 
 CONFIG, LAST, INIT = "config.yaml", "last.pt", "init.pt"
 CHECKPOINTS = {"last": LAST, "best": LAST, "init": INIT}
@@ -91,6 +91,8 @@ def train_rl(config: RLConfig, run_dir: Path, resume: bool = False, progress: bo
     log = RunLog(run_dir, resume_step=start if resume else None)
     bar = _progress(progress, start, cfg.iterations)
     iteration = start
+    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the meta-iteration, checkpoint it, return
+    stop.install()
     try:
         for iteration in range(start + 1, cfg.iterations + 1):
             began = time.perf_counter()
@@ -118,9 +120,14 @@ def train_rl(config: RLConfig, run_dir: Path, resume: bool = False, progress: bo
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(pre=f"{returns[0]:.1f}", post=f"{returns[-1]:.1f}")
-            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or stop.requested:
                 save()
+            if stop.requested:
+                log.write(iteration, event="stopped", message=f"stopped by a signal after meta-iteration {iteration}; "
+                          f"checkpointed to {run_dir / LAST}: continue with --resume")
+                break
     finally:
+        stop.uninstall()
         log.close()
         if bar is not None:
             bar.close()
