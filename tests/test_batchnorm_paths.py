@@ -16,11 +16,11 @@ from fastmaml import TaskBatchNorm
 from fastmaml.context import inside_vmap, outside_transforms
 
 
-def test_inside_vmap_sees_vmap_at_any_level_of_the_transform_stack():
+def test_transform_stack_queries_see_every_level():
     seen = []
 
     def probe(x):
-        seen.append(inside_vmap())
+        seen.append((inside_vmap(), outside_transforms()))
         return x.sum()
 
     probe(torch.ones(2))
@@ -28,20 +28,7 @@ def test_inside_vmap_sees_vmap_at_any_level_of_the_transform_stack():
     torch.func.vmap(probe)(torch.ones(3, 2))
     torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))
     torch.func.grad(lambda x: torch.func.vmap(probe)(x).sum())(torch.ones(3, 2))
-    assert seen == [False, False, True, True, True]
-
-
-def test_outside_transforms_is_false_under_any_transform():
-    seen = []
-
-    def probe(x):
-        seen.append(outside_transforms())
-        return x.sum()
-
-    probe(torch.ones(2))
-    torch.func.grad(probe)(torch.ones(2))
-    torch.func.vmap(probe)(torch.ones(3, 2))
-    assert seen == [True, False, False]
+    assert seen == [(False, True), (False, False), (True, False), (True, False), (True, False)]
 
 
 def _layer(steps: int = 1, scale: bool = True) -> TaskBatchNorm:
