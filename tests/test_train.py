@@ -82,7 +82,13 @@ def test_sigint_checkpoints_the_finished_iteration_and_resume_replays_the_run(tm
     victim = subprocess.Popen([*cmd, "--run-dir", str(run)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not any(r.get("step", 0) >= 100 for r in read_metrics(run)) if (run / "metrics.jsonl").exists() else True:
+    def reached(step: int) -> bool:
+        """Whether the run has logged ``step`` (a line still being written is simply not there yet)."""
+        path = run / "metrics.jsonl"
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []  # newline-terminated lines only
+        return any(json.loads(line).get("step", 0) >= step for line in lines)
+
+    while not reached(100):
         assert victim.poll() is None, "training finished before it could be stopped; make it longer"
         assert time.monotonic() < deadline
         time.sleep(0.005)
