@@ -26,13 +26,16 @@ import compare  # noqa: E402
 import fastmaml  # noqa: E402
 
 PLANS = ["vmap", "vmap/1", "vmap/2", "vmap/4", "vmap/8", "vmap/16", "loop", "loop/1", "auto"]
-"""``strategy/backward chunk``; ``auto`` is the learner's own plan (``MAML.plan``)."""
+"""``strategy/backward chunk``; ``auto`` is the learner's own plan (``MAML.plan``), ``auto@N`` the
+same with ``task_threads=N`` (chunks on N worker threads; ``auto@1``: one after another)."""
 
 
 def fastmaml_step(case: compare.Case, plan: str):
+    plan, _, task_threads = plan.partition("@")
     strategy, _, chunk = plan.partition("/")
     torch.manual_seed(0)
-    learner = fastmaml.MAML(case.model(), case.lr, case.steps, case.first_order, loss=case.loss, strategy=strategy)
+    learner = fastmaml.MAML(case.model(), case.lr, case.steps, case.first_order, loss=case.loss, strategy=strategy,
+                            task_threads=int(task_threads) if task_threads else None)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     episode = case.episode(torch.Generator().manual_seed(2))
 
@@ -67,7 +70,7 @@ def main() -> None:
         case = compare.CASES[name]
         steps, auto_plan = {}, None
         for plan in args.plans:
-            chunk = plan.partition("/")[2]
+            chunk = plan.partition("@")[0].partition("/")[2]
             if chunk and int(chunk) >= case.tasks:
                 continue  # the same as no chunks
             steps[plan], picked = fastmaml_step(case, plan)

@@ -49,6 +49,8 @@ class Plan:
     backward_chunk: int | None = None
     """Tasks per backward pass (their graph is freed before the next chunk's is built); ``None``:
     the whole meta-batch in one graph."""
+    threads: int = 1
+    """Chunks run at once on CPU worker threads, one intra-op thread each (:mod:`fastmaml.parallel`)."""
 
 
 AUTO_CHUNK_INPUT_NUMEL = 2**18
@@ -61,7 +63,7 @@ AUTO_LOOP_TASK_NUMEL = 2**15
 
 
 def choose_strategy(
-    device_type: str, has_conv: bool, tasks: int, examples_per_task: int, example_numel: int
+    device_type: str, has_conv: bool, tasks: int, examples_per_task: int, example_numel: int, threads: int = 1
 ) -> Plan:
     """The execution ``strategy="auto"`` uses for a meta-batch: a rule fitted to measurements.
 
@@ -71,6 +73,7 @@ def choose_strategy(
         tasks: tasks in the meta-batch (T).
         examples_per_task: support + query examples of one task.
         example_numel: elements of one input example (e.g. 1 * 28 * 28 for Omniglot).
+        threads: CPU threads available (``torch.get_num_threads()``).
 
     The rule on CPU, from ``benchmarks/strategies.py`` (one thread, process CPU ms per
     meta-training step, medians of 2-7 interleaved rounds; torch 2.13 on a 2-vCPU Xeon with AVX-512
@@ -106,9 +109,15 @@ def choose_strategy(
         return Plan("vmap")
     task_numel = max(1, examples_per_task * example_numel)
     if task_numel > AUTO_LOOP_TASK_NUMEL:
-        return Plan("loop", 1 if tasks > 1 else None)
+        return Plan("loop", 1, min(threads, tasks)) if tasks > 1 else Plan("loop")
     chunk = AUTO_CHUNK_INPUT_NUMEL // task_numel
-    return Plan("vmap", chunk if tasks > chunk else None)
+    if tasks <= chunk:
+        return Plan("vmap")
+    if threads < 2:
+        return Plan("vmap", chunk)
+    # Chunks in flight on all threads together stay within the bound.
+    chunk = max(1, chunk // threads)
+    return Plan("vmap", chunk, min(threads, -(-tasks // chunk)))
 
 
 def adapt(

@@ -50,6 +50,8 @@ def build_learner(config: Config, device: torch.device) -> MAML:
         raise ConfigError(f"unknown meta.precision {meta.precision!r}; use fp32 or bf16")
     if meta.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"unknown meta.compile_mode {meta.compile_mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    if meta.task_threads < 0:
+        raise ConfigError(f"meta.task_threads must be >= 0 (0 = the plan's choice), got {meta.task_threads}")
     common = {
         "loss": "cross_entropy" if is_classification(config) else "mse",
         "reduction": meta.reduction,
@@ -60,6 +62,7 @@ def build_learner(config: Config, device: torch.device) -> MAML:
         "compile": meta.compile,
         "compile_mode": meta.compile_mode,
         "precision": meta.precision,
+        "task_threads": meta.task_threads or None,
     }
     model = build_model(config)
     steps = meta.inner_steps

@@ -22,7 +22,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -31,7 +33,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastmaml import core
+from fastmaml import context, core, parallel
 from fastmaml.episode import Episode
 from fastmaml.losses import LossName, Reduction, make_loss
 from fastmaml.models import TaskBatchNorm, batchnorm_parameter_names, check_meta_learnable, per_step_batchnorm
@@ -78,12 +80,12 @@ class _Reparametrized:
         self.slots: dict[str, list[tuple[dict, str]]] = {}
         self.owners: dict[str, Tensor] = {}
 
-    def sync(self, params: Params, buffers: Params) -> None:
-        """Rebuild the table if the model's tensors are no longer those it was built from."""
+    def sync(self, params: Params, buffers: Params) -> bool:
+        """Rebuild the table if the model's tensors are no longer those it was built from; say if it did."""
         if len(self.owners) == len(params) + len(buffers) and all(
             self.owners.get(k) is v for k, v in itertools.chain(params.items(), buffers.items())
         ):
-            return
+            return False
         names: dict[int, str] = {}
         for name, tensor in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
             names.setdefault(id(tensor), name)
@@ -95,6 +97,18 @@ class _Reparametrized:
                         slots.setdefault(names[id(tensor)], {})[id(table), attr] = (table, attr)
         self.slots = {name: list(found.values()) for name, found in slots.items()}
         self.owners = dict(itertools.chain(params.items(), buffers.items()))
+        return True
+
+    def replica(self) -> _Reparametrized:
+        """The same function on a structural copy of the model that shares its tensors: the
+        parameter slots are filled per call, so concurrent threads each need their own copy."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return _Reparametrized(copy.deepcopy(self.model, {id(t): t for t in tensors}))
+
+    def follow(self, original: nn.Module) -> None:
+        """Copy ``original``'s train/eval flags onto this (replica's) model."""
+        for source, target in zip(original.modules(), self.model.modules()):
+            target.training = source.training
 
     def __call__(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or not self.slots:
@@ -163,6 +177,11 @@ class MAML(nn.Module):
         precision: ``"bf16"`` runs the model's forward (and so its derivatives) under
             ``torch.autocast`` in bfloat16, in meta-training and in :meth:`evaluate`; parameters,
             inner-loop updates and losses stay float32 (logits are cast back before the loss).
+        task_threads: CPU threads that run the backward chunks of an ``"auto"`` plan concurrently,
+            one intra-op thread each (:mod:`fastmaml.parallel`); ``None`` (default): the plan's
+            choice (:func:`fastmaml.core.choose_strategy`), ``1``: one chunk after another.
+            Models with dropout always run chunks one after another (the global generator would
+            be drawn from in thread order).
     """
 
     def __init__(
@@ -184,6 +203,7 @@ class MAML(nn.Module):
         compile: bool | str = False,
         compile_mode: str = "default",
         precision: Precision = "fp32",
+        task_threads: int | None = None,
     ) -> None:
         super().__init__()
         check_meta_learnable(model)
@@ -221,7 +241,12 @@ class MAML(nn.Module):
         self.precision: Precision = precision
         self._compiled: Callable | None = None
         self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        if task_threads is not None and task_threads < 1:
+            raise ValueError(f"task_threads must be >= 1 (or None for the plan's choice), got {task_threads}")
+        self.task_threads = task_threads
+        self._random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
         self._reparametrized = _Reparametrized(model)
+        self._replicas: list[_Reparametrized] = []
         adapted = {k: p.detach() for k, p in model.named_parameters() if self._adapts(k)}
         self.rule_params = nn.ParameterDict(
             {_escape(k): nn.Parameter(v.clone()) for k, v in self.rule.init(adapted).items()}
@@ -231,9 +256,25 @@ class MAML(nn.Module):
     def _adapts(self, name: str) -> bool:
         return self.adapted_names is None or name in self.adapted_names
 
-    def _forward(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
-        out = self._reparametrized(params, buffers, x)
+    def _forward(self, params: Params, buffers: Params, x: Tensor,
+                 reparametrized: _Reparametrized | None = None) -> Tensor:
+        out = (reparametrized or self._reparametrized)(params, buffers, x)
         return out.float() if self.precision == "bf16" else out  # losses and inner updates in float32
+
+    def _replica_forward(self, worker: int) -> Callable[[Params, Params, Tensor], Tensor]:
+        """``_forward`` through worker ``worker``'s own copy of the model (see :mod:`fastmaml.parallel`)."""
+        while len(self._replicas) <= worker:
+            self._replicas.append(self._reparametrized.replica())
+        replica = self._replicas[worker]
+        replica.follow(self.model)
+        return functools.partial(self._forward, reparametrized=replica)
+
+    def _threads_allowed(self, x: Tensor) -> bool:
+        """Whether chunks may run on worker threads: thread-local state (grad mode, autocast,
+        functorch transforms) is the default there, so only when it is the default here too."""
+        return (x.device.type == "cpu" and not self.compile_objective and not self._random
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and context.outside_transforms())
 
     def _autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
         """bfloat16 autocast on ``x``'s device when ``precision="bf16"``, else nothing."""
@@ -245,7 +286,8 @@ class MAML(nn.Module):
         params = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
         rule_params = {k: self.rule_params[_escape(k)] for k in params if _escape(k) in self.rule_params}
-        self._reparametrized.sync(params, buffers)
+        if self._reparametrized.sync(params, buffers):
+            self._replicas.clear()  # copies of a model whose tensors (or modules) were replaced
         return params, buffers, rule_params
 
     def _check(self, *inputs: Tensor) -> None:
@@ -267,12 +309,13 @@ class MAML(nn.Module):
             self._compiled = torch.compile(core.meta_objective, fullgraph=True, backend=backend, mode=mode)
         return self._compiled
 
-    def _run(self, episode: Episode, steps: int, strategy: str) -> tuple[Tensor, Tensor | None]:
+    def _run(self, episode: Episode, steps: int, strategy: str,
+             forward: Callable[[Params, Params, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-task query losses ``[T]`` (with their graph) and the accuracy of one (sub-)batch."""
         params, buffers, rule_params = self._state()
         with self._autocast(episode.support_x):
             losses, predictions = self._objective()(
-                self._forward, params, buffers, rule_params,
+                forward or self._forward, params, buffers, rule_params,
                 episode.support_x, episode.support_y, episode.query_x, episode.query_y,
                 strategy=strategy, chunk_size=self.chunk_size,
                 inner_loss_fn=self.inner_loss_fn, outer_loss_fn=self.outer_loss_fn, rule=self.rule,
@@ -287,15 +330,17 @@ class MAML(nn.Module):
     # -- public API ---------------------------------------------------------------------
     def plan(self, episode: Episode) -> core.Plan:
         """How :meth:`meta_loss` runs ``episode``: the strategy given, or for ``"auto"`` the one
-        :func:`fastmaml.core.choose_strategy` picks for this model, data shape and device."""
+        :func:`fastmaml.core.choose_strategy` picks for this model, data shape and device, for
+        ``task_threads`` threads (default: torch's intra-op thread count)."""
         if self.strategy != "auto":
             return core.Plan(self.strategy)
         x = episode.support_x
         plan = core.choose_strategy(
             device_type=x.device.type, has_conv=self.has_conv, tasks=x.shape[0],
             examples_per_task=x.shape[1] + episode.query_x.shape[1], example_numel=math.prod(x.shape[2:]),
+            threads=self.task_threads or torch.get_num_threads(),
         )
-        return dataclasses.replace(plan, strategy="vmap") if self.compile_objective else plan
+        return dataclasses.replace(plan, strategy="vmap", threads=1) if self.compile_objective else plan
 
     def meta_loss(self, episode: Episode, steps: int | None = None) -> MetaOutput:
         """Mean query loss over the tasks of ``episode`` after inner adaptation (differentiable).
@@ -317,17 +362,36 @@ class MAML(nn.Module):
             params.values(), buffers.values(), rule_params.values(),
             (episode.support_x, episode.support_y, episode.query_x, episode.query_y),
         ) if t.requires_grad}.values())
-        grads: list[Tensor | None] = [None] * len(inputs)
-        task_losses, correct = [], []
-        for start in range(0, total, plan.backward_chunk):
-            part = episode.task(slice(start, start + plan.backward_chunk))
-            losses, accuracy = self._run(part, steps, plan.strategy)
-            if inputs:
-                part_grads = torch.autograd.grad(losses.sum() / total, inputs, allow_unused=True)
-                grads = [g if a is None else (a if g is None else a + g) for a, g in zip(grads, part_grads)]
-            task_losses.append(losses.detach())
-            if accuracy is not None:
-                correct.append(accuracy * part.num_tasks)
+        parts = [episode.task(slice(start, start + plan.backward_chunk))
+                 for start in range(0, total, plan.backward_chunk)]
+        threads = min(plan.threads, len(parts)) if self._threads_allowed(episode.support_x) else 1
+        forwards = [self._replica_forward(worker) for worker in range(threads)] if threads > 1 else [None]
+
+        def run_parts(worker: int, share: list[Episode]) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
+            """Build, backpropagate and free the chunks of ``share`` in order; their summed gradients."""
+            forward = forwards[worker]
+            grads: list[Tensor | None] = [None] * len(inputs)
+            share_losses, share_correct = [], []
+            for part in share:
+                losses, accuracy = self._run(part, steps, plan.strategy, forward)
+                if inputs:
+                    part_grads = torch.autograd.grad(losses.sum() / total, inputs, allow_unused=True)
+                    grads = [g if a is None else (a if g is None else a + g) for a, g in zip(grads, part_grads)]
+                share_losses.append(losses.detach())
+                if accuracy is not None:
+                    share_correct.append(accuracy * part.num_tasks)
+            return grads, share_losses, share_correct
+
+        if threads > 1:
+            # Worker w takes chunks w, w + threads, ...: a fixed assignment, so a fixed summation order.
+            results = parallel.chunk_threads(threads).run(run_parts, parallel.deal(parts, threads))
+            grads = results[0][0]
+            for share_grads, _, _ in results[1:]:
+                grads = [g if a is None else (a if g is None else a + g) for a, g in zip(grads, share_grads)]
+            task_losses = [results[index % threads][1][index // threads] for index in range(len(parts))]
+            correct = [c for _, _, share_correct in results for c in share_correct]
+        else:
+            grads, task_losses, correct = run_parts(0, parts)
         losses = torch.cat(task_losses)
         accuracy = torch.stack(correct).sum() / total if correct else None
         loss = _PrecomputedGradient.apply(losses.mean(), tuple(grads), *inputs) if inputs else losses.mean()

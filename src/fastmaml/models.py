@@ -64,9 +64,12 @@ class TaskBatchNorm(nn.Module):
         stats_input = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
         # Two passes (mean, then mean squared deviation: the numerically stable textbook form)
         # rather than torch.var_mean, whose Welford kernel was 7x slower on CPU at these shapes.
-        mean = stats_input.mean(dim=dims, keepdim=True)
+        # Sums times 1/n rather than means: a mean's backward divides a full-size gradient, a sum's
+        # only expands it (5% of an Omniglot 20-way meta-step on CPU).
+        inverse_count = 1.0 / (x.numel() // x.shape[1])
+        mean = stats_input.sum(dim=dims, keepdim=True) * inverse_count
         centred = stats_input - mean
-        scale = torch.rsqrt((centred * centred).mean(dim=dims, keepdim=True) + self.eps)
+        scale = torch.rsqrt((centred * centred).sum(dim=dims, keepdim=True) * inverse_count + self.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
         out = centred * (scale if weight is None else scale * weight.view(shape))
         return out if bias is None else out + bias.view(shape)
