@@ -51,7 +51,9 @@ def test_rule_runs_chunks_on_the_threads_it_is_given() -> None:
     assert choose_strategy("cpu", True, 3, 40, 784, threads=8) == Plan("vmap")  # fits one chunk of 8
     # task by task (15 queries per class; MiniImagenet): one task per thread
     assert choose_strategy("cpu", True, 32, 80, 784, threads=2) == Plan("loop", 1, 2)
-    assert choose_strategy("cpu", True, 4, 80, 3 * 84 * 84, threads=16) == Plan("loop", 1, 4)
+    assert choose_strategy("cpu", True, 4, 200, 784, threads=16) == Plan("loop", 1, 4)  # 20-way 5-shot
+    # MiniImagenet (1.7M input elements per task): its operations are big enough for intra-op threads
+    assert choose_strategy("cpu", True, 4, 80, 3 * 84 * 84, threads=16) == Plan("loop", 1)
     # one chunk (Omniglot 5-way, paper protocol), one task, no conv, CUDA: no threads
     assert choose_strategy("cpu", True, 32, 10, 784, threads=2) == Plan("vmap")
     assert choose_strategy("cpu", True, 1, 80, 784, threads=2) == Plan("loop")

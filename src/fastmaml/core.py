@@ -62,6 +62,12 @@ AUTO_LOOP_TASK_NUMEL = 2**15
 ``TaskBatchNorm`` uses torch's fused kernel and small batched convolutions stop paying off."""
 
 
+AUTO_THREAD_TASK_NUMEL = 2**18
+"""Input elements of one task up to which a CPU plan's chunks run on worker threads, one intra-op
+thread each (:mod:`fastmaml.parallel`); larger tasks' operations are big enough to split across
+threads themselves, and two of them at once contend for memory bandwidth."""
+
+
 def choose_strategy(
     device_type: str, has_conv: bool, tasks: int, examples_per_task: int, example_numel: int, threads: int = 1
 ) -> Plan:
@@ -101,6 +107,18 @@ def choose_strategy(
       MiniImagenet 5-way 1-shot first order (1,693,440 per task, T = 4): loop with one backward
       per task 2339, one graph 2736, vmap one task at a time 3938 (learn2learn 2331).
 
+    **Threads (CPU, ``threads`` > 1): a plan with backward chunks runs them on ``threads`` worker
+    threads with one intra-op thread each** (:mod:`fastmaml.parallel`), the vmap chunks cut to
+    ``1/threads`` of their size so the input elements in flight stay within the bound; tasks above
+    ``AUTO_THREAD_TASK_NUMEL`` input elements run one at a time on all threads instead. torch splits
+    each operation of a small task poorly over 2 threads (learn2learn gains 1.4-1.7x from the second
+    core), whole tasks on separate cores gain ~2x (``benchmarks/strategies.py --threads 2``, wall ms,
+    idle 2 cores, one thread per chunk (``auto@2``) vs one chunk after another on 2 intra-op threads
+    (``auto@1``), learn2learn alongside): Omniglot 5-way 1-shot with 15 queries 667 vs 898 (756),
+    5-way 5-shot 818 vs 1048 (1061), 20-way 1-shot 1316 vs 1459 (1726), 20-way 5-shot (T = 4)
+    1544 vs 1698 (1756); MiniImagenet first order 1495-1531 vs 1168-1582 (1164-1553: its
+    activations, 72 MB each, make it memory-bound, and two tasks at once compete for bandwidth).
+
     On other devices (CUDA): vmap over the whole meta-batch. Not measured (no GPU in the sessions
     that wrote this rule); many small kernel launches favour batching on GPUs, but treat it as a
     default to re-measure, not a finding.
@@ -109,7 +127,9 @@ def choose_strategy(
         return Plan("vmap")
     task_numel = max(1, examples_per_task * example_numel)
     if task_numel > AUTO_LOOP_TASK_NUMEL:
-        return Plan("loop", 1, min(threads, tasks)) if tasks > 1 else Plan("loop")
+        if tasks == 1:
+            return Plan("loop")
+        return Plan("loop", 1, min(threads, tasks) if task_numel <= AUTO_THREAD_TASK_NUMEL else 1)
     chunk = AUTO_CHUNK_INPUT_NUMEL // task_numel
     if tasks <= chunk:
         return Plan("vmap")
