@@ -472,11 +472,21 @@ def test_loop_meta_training_takes_the_plain_autograd_inner_gradient(monkeypatch)
         def refuse(*args, **kwargs):
             raise AssertionError("torch.func.grad called in the per-task loop")
 
+        graphs: list[bool] = []
+
+        def recording_grad(*args, graphs=graphs, plain_grad=torch.autograd.grad, **kwargs):
+            graphs.append(kwargs.get("create_graph", False))
+            return plain_grad(*args, **kwargs)
+
         with monkeypatch.context() as patch:
             patch.setattr(torch.func, "grad", refuse)
+            patch.setattr(torch.autograd, "grad", recording_grad)
             loop = fastmaml.MAML(model, 0.1, 2, first_order, strategy="loop")
-            grads = torch.autograd.grad(loop.meta_loss(episode).loss, list(model.parameters()))
+            loss = loop.meta_loss(episode).loss
+        grads = torch.autograd.grad(loss, list(model.parameters()))
         for a, b in zip(grads, reference):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        # 2 inner steps x 3 tasks; first order records no graph of the inner backward pass
+        assert graphs == [not first_order] * 6
     with torch.no_grad():  # adaptation and evaluation still work without grad mode (torch.func.grad)
         loop.adapt(episode.support_x[0], episode.support_y[0])

@@ -114,10 +114,10 @@ def choose_strategy(
     each operation of a small task poorly over 2 threads (learn2learn gains 1.4-1.7x from the second
     core), whole tasks on separate cores gain ~2x (``benchmarks/strategies.py --threads 2``, wall ms,
     idle 2 cores, one thread per chunk (``auto@2``) vs one chunk after another on 2 intra-op threads
-    (``auto@1``), learn2learn alongside): Omniglot 5-way 1-shot with 15 queries 667 vs 898 (756),
+    (``auto@1``), in brackets learn2learn): Omniglot 5-way 1-shot with 15 queries 667 vs 898 (939),
     5-way 5-shot 818 vs 1048 (1061), 20-way 1-shot 1316 vs 1459 (1726), 20-way 5-shot (T = 4)
-    1544 vs 1698 (1756); MiniImagenet first order 1495-1531 vs 1168-1582 (1164-1553: its
-    activations, 72 MB each, make it memory-bound, and two tasks at once compete for bandwidth).
+    1544 vs 1698 (1756); but MiniImagenet first order 1471-1531 vs 1168-1582 (1164-1557): its
+    activations (72 MB each) make it memory-bound, and two tasks at once compete for bandwidth.
 
     On other devices (CUDA): vmap over the whole meta-batch. Not measured (no GPU in the sessions
     that wrote this rule); many small kernel launches favour batching on GPUs, but treat it as a
@@ -171,7 +171,7 @@ def adapt(
     def support_loss(adapted: Params, held: Params = frozen) -> Tensor:
         return loss_fn(forward({**held, **adapted}, buffers, x), y)
 
-    support_grad = _support_gradient(support_loss, params)
+    support_grad = _support_gradient(support_loss, params, differentiable=not rule.first_order)
     trajectory = [params]
     for step in range(steps):
         if checkpoint:
@@ -184,7 +184,8 @@ def adapt(
     return trajectory
 
 
-def _support_gradient(support_loss: Callable[[Params], Tensor], params: Params) -> Callable[[Params], Params]:
+def _support_gradient(support_loss: Callable[[Params], Tensor], params: Params,
+                      differentiable: bool = True) -> Callable[[Params], Params]:
     """The inner gradient as a function of the adapted parameters, differentiable for the outer loss.
 
     Outside every functorch transform, in grad mode, with parameters that require grad (the
@@ -192,14 +193,16 @@ def _support_gradient(support_loss: Callable[[Params], Tensor], params: Params) 
     same gradient as ``torch.func.grad`` without functorch's per-operation wrapping: per-task loops
     4% (Omniglot, 15 queries) to 29% (sinusoid) faster. Elsewhere (under ``vmap``, ``no_grad``
     evaluation and adaptation, frozen parameters) ``torch.func.grad``, which works in all of them.
+    ``differentiable=False`` (a first-order rule, which stops the gradient anyway): there the loop
+    records no graph of the inner backward pass (``create_graph=False``).
     """
     if not (context.outside_transforms() and torch.is_grad_enabled() and all(v.requires_grad for v in params.values())):
         return torch.func.grad(support_loss)
 
     def autograd_gradient(adapted: Params) -> Params:
         names = list(adapted)
-        grads = torch.autograd.grad(support_loss(adapted), [adapted[n] for n in names], create_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(support_loss(adapted), [adapted[n] for n in names],
+                                    create_graph=differentiable, allow_unused=True)
         return {n: torch.zeros_like(adapted[n]) if g is None else g for n, g in zip(names, grads)}
 
     return autograd_gradient
