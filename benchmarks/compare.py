@@ -77,6 +77,7 @@ import torch
 from torch import Tensor, nn
 
 import fastmaml
+import fastmaml.runtime
 from fastmaml.tasks.sinusoid import SinusoidTasks
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +546,7 @@ def peak_memory_cpu(case: Case, name: str, args: argparse.Namespace) -> dict | N
     """MiB by which the peak RSS of a fresh process rises over ``args.memory_steps`` steps."""
     command = [sys.executable, os.path.abspath(__file__), "--memory-worker", case.name, name,
                "--threads", str(args.threads), "--memory-steps", str(args.memory_steps),
-               "--learn2learn", args.learn2learn]
+               "--learn2learn", args.learn2learn] + (["--reuse-freed-memory"] if args.reuse_freed_memory else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         print(f"  memory worker failed for {name}: {result.stderr.strip()[-2000:]}", file=sys.stderr)
@@ -699,6 +700,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-steps", type=int, default=1, help="steps per memory measurement")
     parser.add_argument("--learn2learn", choices=["auto", "reimpl"], default="auto",
                         help="auto: real learn2learn if importable, else the re-implementation")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="keep freed memory in the process (fastmaml.runtime, as `fastmaml train` does on CPU): "
+                             "every implementation's steps stop page-faulting their activations in again")
     parser.add_argument("--json", metavar="OUT", help="save all results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="save a bar chart (log ms/step per case)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
@@ -711,6 +715,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.reuse_freed_memory and not fastmaml.runtime.reuse_freed_memory():
+        raise SystemExit("--reuse-freed-memory needs Linux with glibc")
     if args.memory_worker:
         memory_worker(args)
         return

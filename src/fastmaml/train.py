@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastmaml import checkpoint, distributed
+from fastmaml import checkpoint, distributed, runtime
 from fastmaml.config import Config, ConfigError, TrainConfig, load_config, save_config
 from fastmaml.episode import Episode
 from fastmaml.experiment import TaskSource, build_learner, build_tasks, is_classification, resolve_device
@@ -145,6 +145,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
     state = ctx.run_on_main(lambda: _prepare_run_dir(config, run_dir, resume, ctx.world_size))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.reuse_freed_memory and device.type == "cpu":
+        runtime.reuse_freed_memory()
 
     torch.manual_seed(cfg.seed)
     learner = build_learner(config, device)

@@ -1,0 +1,37 @@
+"""fastmaml.runtime: freed memory stays in the process (in a subprocess: the setting is process-wide)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from fastmaml import runtime
+    if sys.argv[1] == "reuse":
+        assert runtime.reuse_freed_memory() and runtime.reuse_freed_memory()  # idempotent
+    faults = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written once
+        del block
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(faults[-1])
+""")
+
+
+def _faults(mode: str) -> int:
+    run = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
+def test_reused_memory_is_not_page_faulted_in_again() -> None:
+    pages = 64 * 2**20 // 4096
+    assert _faults("system") > pages // 2  # glibc mmaps the block anew every time
+    assert _faults("reuse") < pages // 20  # the third block reuses the first's pages
