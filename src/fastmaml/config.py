@@ -85,7 +85,7 @@ class MetaConfig:
     """Recompute inner steps in the backward pass: memory flat in the number of steps (strategy loop)."""
     task_threads: int = 0
     """CPU threads running strategy auto's backward chunks at once, one intra-op thread each (0 = the
-    plan's choice: train.threads when the meta-batch is chunked; 1 = one chunk after another)."""
+    plan's choice for torch's thread count, train.threads; 1 = one chunk after another)."""
     compile: bool = False
     """torch.compile the vmapped meta-objective (first iteration compiles; not with per-step BatchNorm)."""
     compile_mode: str = "default"

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmaml import context, core, parallel
+from fastmaml.core import ForwardFn
 from fastmaml.episode import Episode
 from fastmaml.losses import LossName, Reduction, make_loss
 from fastmaml.models import TaskBatchNorm, batchnorm_parameter_names, check_meta_learnable, per_step_batchnorm
@@ -261,12 +262,13 @@ class MAML(nn.Module):
         out = (reparametrized or self._reparametrized)(params, buffers, x)
         return out.float() if self.precision == "bf16" else out  # losses and inner updates in float32
 
-    def _replica_forward(self, worker: int) -> Callable[[Params, Params, Tensor], Tensor]:
+    def _replica_forward(self, worker: int, params: Params, buffers: Params) -> ForwardFn:
         """``_forward`` through worker ``worker``'s own copy of the model (see :mod:`fastmaml.parallel`)."""
         while len(self._replicas) <= worker:
             self._replicas.append(self._reparametrized.replica())
         replica = self._replicas[worker]
         replica.follow(self.model)
+        replica.sync(params, buffers)
         return functools.partial(self._forward, reparametrized=replica)
 
     def _threads_allowed(self, x: Tensor) -> bool:
@@ -310,7 +312,7 @@ class MAML(nn.Module):
         return self._compiled
 
     def _run(self, episode: Episode, steps: int, strategy: str,
-             forward: Callable[[Params, Params, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+             forward: ForwardFn | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-task query losses ``[T]`` (with their graph) and the accuracy of one (sub-)batch."""
         params, buffers, rule_params = self._state()
         with self._autocast(episode.support_x):
@@ -365,7 +367,7 @@ class MAML(nn.Module):
         parts = [episode.task(slice(start, start + plan.backward_chunk))
                  for start in range(0, total, plan.backward_chunk)]
         threads = min(plan.threads, len(parts)) if self._threads_allowed(episode.support_x) else 1
-        forwards = [self._replica_forward(worker) for worker in range(threads)] if threads > 1 else [None]
+        forwards = [self._replica_forward(w, params, buffers) for w in range(threads)] if threads > 1 else [None]
 
         def run_parts(worker: int, share: list[Episode]) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
             """Build, backpropagate and free the chunks of ``share`` in order; their summed gradients."""
