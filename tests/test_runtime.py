@@ -15,12 +15,12 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[1] == "reuse":
         assert runtime.reuse_freed_memory() and runtime.reuse_freed_memory()  # idempotent
     faults = []
-    for _ in range(3):
+    for _ in range(6):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written once
         del block
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(faults[-1])
+    print(min(faults[1:]))  # the heap settles within the first few blocks
 """)
 
 
@@ -33,5 +33,5 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
 def test_reused_memory_is_not_page_faulted_in_again() -> None:
     pages = 64 * 2**20 // 4096
-    assert _faults("system") > pages // 2  # glibc mmaps the block anew every time
-    assert _faults("reuse") < pages // 20  # the third block reuses the first's pages
+    assert _faults("system") > pages // 2  # glibc mmaps every block anew: none is reused
+    assert _faults("reuse") < pages // 20  # later blocks reuse the pages of earlier ones
