@@ -6,8 +6,12 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+import fastmaml.train
+from fastmaml.config import load_config
 
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch
@@ -35,3 +39,13 @@ def test_reused_memory_is_not_page_faulted_in_again() -> None:
     pages = 64 * 2**20 // 4096
     assert _faults("system") > pages // 2  # glibc mmaps every block anew: none is reused
     assert _faults("reuse") < pages // 20  # later blocks reuse the pages of earlier ones
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_train_applies_it_only_when_asked(asked: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(fastmaml.train.runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
+    overrides = ["train.iterations=2", "train.meta_batch=2", "train.val_every=0", "train.log_every=1",
+                 f"train.reuse_freed_memory={str(asked).lower()}"]
+    fastmaml.train.train(load_config("sinusoid", overrides), tmp_path / "run", progress=False)
+    assert calls == ([1] if asked else [])
