@@ -3,7 +3,8 @@
 Why: on CPU torch splits every operation over its intra-op threads, and MAML's per-task kernels
 (a few images through a small conv net) are too small to split well: learn2learn's per-task loop
 runs only 1.4-1.7x faster on two cores than on one. Tasks are independent until their gradients
-are summed, so two tasks at a time, each on one core, use both cores almost fully (1.9-2x).
+are summed, so two tasks at a time, each on one core, use both cores almost fully (1.8-1.9x the
+one-thread speed on Omniglot, against 1.4-1.7x).
 Measurements: ``benchmarks/strategies.py --threads 2`` and docs/benchmarks.md.
 
 Threads rather than processes: torch kernels release the GIL, parameters are shared without
