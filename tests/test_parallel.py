@@ -142,6 +142,30 @@ def test_models_with_dropout_run_their_chunks_in_order(monkeypatch) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+class Locked(nn.Module):
+    """Holds a lock, which deepcopy refuses: the workers' model copies cannot be made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_conv()
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_a_model_that_cannot_be_copied_runs_its_chunks_in_order(monkeypatch) -> None:
+    monkeypatch.setattr(core, "AUTO_LOOP_TASK_NUMEL", 100)
+    model = Locked().double()
+    ep = conv_episode(4)
+    threaded = fastmaml.MAML(model, 0.3, 1, loss="cross_entropy", task_threads=2)
+    assert threaded.plan(ep).threads == 2
+    reference = meta_grads(fastmaml.MAML(model, 0.3, 1, loss="cross_entropy", strategy="loop"), ep)[1]
+    for _ in range(2):
+        assert_same(meta_grads(threaded, ep)[1], reference, 1e-12)
+    assert threaded._replicas == [] and threaded._uncopyable
+
+
 def test_an_error_in_a_worker_reaches_the_caller(monkeypatch) -> None:
     monkeypatch.setattr(core, "AUTO_LOOP_TASK_NUMEL", 100)
     learner = fastmaml.MAML(tiny_conv().double(), 0.3, 1, loss="cross_entropy", task_threads=2)

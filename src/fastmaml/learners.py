@@ -248,6 +248,7 @@ class MAML(nn.Module):
         self._random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
         self._reparametrized = _Reparametrized(model)
         self._replicas: list[_Reparametrized] = []
+        self._uncopyable = False
         adapted = {k: p.detach() for k, p in model.named_parameters() if self._adapts(k)}
         self.rule_params = nn.ParameterDict(
             {_escape(k): nn.Parameter(v.clone()) for k, v in self.rule.init(adapted).items()}
@@ -262,8 +263,18 @@ class MAML(nn.Module):
         out = (reparametrized or self._reparametrized)(params, buffers, x)
         return out.float() if self.precision == "bf16" else out  # losses and inner updates in float32
 
+    def _replica_forwards(self, threads: int, params: Params, buffers: Params) -> list[ForwardFn] | None:
+        """``_forward`` through each worker's own copy of the model (see :mod:`fastmaml.parallel`), or
+        ``None`` if the model cannot be copied (a module holding a lock, say): then no threads."""
+        if self._uncopyable:
+            return None
+        try:
+            return [self._replica_forward(worker, params, buffers) for worker in range(threads)]
+        except (TypeError, copy.Error, RuntimeError):  # what deepcopy raises for objects it cannot copy
+            self._uncopyable = True  # not tried again every meta-batch
+            return None
+
     def _replica_forward(self, worker: int, params: Params, buffers: Params) -> ForwardFn:
-        """``_forward`` through worker ``worker``'s own copy of the model (see :mod:`fastmaml.parallel`)."""
         while len(self._replicas) <= worker:
             self._replicas.append(self._reparametrized.replica())
         replica = self._replicas[worker]
@@ -367,7 +378,9 @@ class MAML(nn.Module):
         parts = [episode.task(slice(start, start + plan.backward_chunk))
                  for start in range(0, total, plan.backward_chunk)]
         threads = min(plan.threads, len(parts)) if self._threads_allowed(episode.support_x) else 1
-        forwards = [self._replica_forward(w, params, buffers) for w in range(threads)] if threads > 1 else [None]
+        forwards = self._replica_forwards(threads, params, buffers) if threads > 1 else None
+        if forwards is None:
+            threads, forwards = 1, [None]
 
         def run_parts(worker: int, share: list[Episode]) -> tuple[list[Tensor | None], list[Tensor], list[Tensor]]:
             """Build, backpropagate and free the chunks of ``share`` in order; their summed gradients."""
