@@ -181,8 +181,10 @@ class MAML(nn.Module):
         task_threads: CPU threads that run the backward chunks of an ``"auto"`` plan concurrently,
             one intra-op thread each (:mod:`fastmaml.parallel`); ``None`` (default): the plan's
             choice (:func:`fastmaml.core.choose_strategy`), ``1``: one chunk after another.
-            Models with dropout always run chunks one after another (the global generator would
-            be drawn from in thread order).
+            Each worker runs a structural copy of the model (``copy.deepcopy`` sharing its
+            tensors, following ``train()``/``eval()``); models with dropout (the global generator
+            would be drawn from in thread order) or that cannot be copied run their chunks one
+            after another.
     """
 
     def __init__(
@@ -301,6 +303,7 @@ class MAML(nn.Module):
         rule_params = {k: self.rule_params[_escape(k)] for k in params if _escape(k) in self.rule_params}
         if self._reparametrized.sync(params, buffers):
             self._replicas.clear()  # copies of a model whose tensors (or modules) were replaced
+            self._uncopyable = False
         return params, buffers, rule_params
 
     def _check(self, *inputs: Tensor) -> None:
