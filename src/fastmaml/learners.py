@@ -182,7 +182,8 @@ class MAML(nn.Module):
             one intra-op thread each (:mod:`fastmaml.parallel`); ``None`` (default): the plan's
             choice (:func:`fastmaml.core.choose_strategy`), ``1``: one chunk after another.
             Each worker runs a structural copy of the model (``copy.deepcopy`` sharing its
-            tensors, following ``train()``/``eval()``); models with dropout (the global generator
+            tensors, following ``train()``/``eval()``; other Python state a forward changes stays
+            in the copy); models with dropout (the global generator
             would be drawn from in thread order) or that cannot be copied run their chunks one
             after another.
     """
