@@ -126,6 +126,11 @@ class _Reparametrized:
                 table[attr] = value
 
 
+def _add_gradients(total: Sequence[Tensor | None], more: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Element-wise sum of two gradient lists in which ``None`` means zero."""
+    return [b if a is None else (a if b is None else a + b) for a, b in zip(total, more)]
+
+
 class _PrecomputedGradient(torch.autograd.Function):
     """A loss value whose gradients with respect to ``inputs`` were computed already, chunk by chunk."""
 
@@ -395,7 +400,7 @@ class MAML(nn.Module):
                 losses, accuracy = self._run(part, steps, plan.strategy, forward)
                 if inputs:
                     part_grads = torch.autograd.grad(losses.sum() / total, inputs, allow_unused=True)
-                    grads = [g if a is None else (a if g is None else a + g) for a, g in zip(grads, part_grads)]
+                    grads = _add_gradients(grads, part_grads)
                 share_losses.append(losses.detach())
                 if accuracy is not None:
                     share_correct.append(accuracy * part.num_tasks)
@@ -406,7 +411,7 @@ class MAML(nn.Module):
             results = parallel.chunk_threads(threads).run(run_parts, parallel.deal(parts, threads))
             grads = results[0][0]
             for share_grads, _, _ in results[1:]:
-                grads = [g if a is None else (a if g is None else a + g) for a, g in zip(grads, share_grads)]
+                grads = _add_gradients(grads, share_grads)
             task_losses = [results[index % threads][1][index // threads] for index in range(len(parts))]
             correct = [c for _, _, share_correct in results for c in share_correct]
         else:
