@@ -15,10 +15,11 @@ import torch
 
 from fastmaml import checkpoint
 from fastmaml.cli import main as cli_main
-from fastmaml.config import load_config
+from fastmaml.config import ConfigError, load_config
 from fastmaml.evaluate import evaluate_run, mean_ci95
+from fastmaml.experiment import build_learner, build_tasks
 from fastmaml.runlog import read_metrics
-from fastmaml.train import TrainingDiverged, train
+from fastmaml.train import TrainingDiverged, sample_validation, train, validate
 
 QUICK = ["train.meta_batch=10", "train.log_every=20", "train.val_every=100", "train.val_tasks=50",
          "train.checkpoint_every=50", "eval.tasks=100", "eval.batch=100"]
@@ -266,3 +267,24 @@ def test_backward_chunks_train_like_one_backward(tmp_path: Path) -> None:
     whole, chunked = _losses(tmp_path / "whole"), _losses(tmp_path / "chunked")
     assert [s for s, _ in whole] == [s for s, _ in chunked]
     assert [v for _, v in chunked] == pytest.approx([v for _, v in whole], rel=1e-4)
+
+
+def test_validation_scores_after_val_steps(tmp_path: Path) -> None:
+    """train.val_steps=3: validation (and so best.pt) uses the 3-step query loss, not the 1-step one."""
+    overrides = [*QUICK, "train.iterations=4", "train.val_every=2", "train.val_tasks=20", "train.checkpoint_every=2"]
+    logged = {}
+    for steps in (0, 3):
+        run = tmp_path / f"steps{steps}"
+        train(load_config("sinusoid", [*overrides, f"train.val_steps={steps}"]), run, progress=False)
+        logged[steps] = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    learner_state = torch.load(tmp_path / "steps3" / "last.pt", weights_only=False)["learner"]
+    config = load_config("sinusoid", overrides)
+    learner = build_learner(config, torch.device("cpu"))
+    learner.load_state_dict(learner_state)
+    episodes = sample_validation(build_tasks(config, "val", torch.device("cpu")), 20, config.eval.batch,
+                                 config.train.seed + 2, torch.device("cpu"))
+    assert logged[3][-1] == pytest.approx(validate(learner, episodes, 3)["val_loss"], rel=1e-6)
+    assert logged[3][-1] != pytest.approx(validate(learner, episodes)["val_loss"], rel=1e-3)
+    assert logged[0] != logged[3]
+    with pytest.raises(ConfigError, match="train.val_steps must be >= 0"):
+        train(load_config("sinusoid", [*overrides, "train.val_steps=-1"]), tmp_path / "bad", progress=False)

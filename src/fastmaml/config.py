@@ -126,6 +126,9 @@ class TrainConfig:
     """Iterations between validations (0 = off)."""
     val_tasks: int = 200
     """Held-out tasks per validation."""
+    val_steps: int = 0
+    """Inner steps before validation scores the query sets (0 = meta.inner_steps, as in training):
+    e.g. 3 to pick best.pt at the step count the paper tests Omniglot with (trained with 1)."""
     checkpoint_every: int = 1000
     """Iterations between checkpoints (one is always written at the end)."""
     threads: int = 0

@@ -73,9 +73,9 @@ def sample_validation(tasks: TaskSource, count: int, batch: int, seed: int, devi
     return episodes
 
 
-def validate(learner: MAML, episodes: list[Episode]) -> dict[str, float]:
-    """Mean query loss (and accuracy) after the training number of inner steps."""
-    steps = learner.inner_steps
+def validate(learner: MAML, episodes: list[Episode], steps: int | None = None) -> dict[str, float]:
+    """Mean query loss (and accuracy) after ``steps`` inner steps (default: the training number)."""
+    steps = learner.inner_steps if steps is None else steps
     losses, accuracies = [], []
     for episode in episodes:
         loss, accuracy = learner.evaluate(episode, steps)
@@ -142,6 +142,8 @@ def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, world_size: in
 def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: distributed.DistContext,
            local_batch: int, device: torch.device) -> dict[str, Any]:
     cfg = config.train
+    if cfg.val_steps < 0:
+        raise ConfigError(f"train.val_steps must be >= 0 (0 = meta.inner_steps), got {cfg.val_steps}")
     state = ctx.run_on_main(lambda: _prepare_run_dir(config, run_dir, resume, ctx.world_size))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -256,7 +258,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, ctx: dis
 
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
                 if ctx.is_main:  # the other ranks wait for rank 0 in the broadcast of ``best``
-                    metrics = validate(learner, val_episodes)
+                    metrics = validate(learner, val_episodes, cfg.val_steps or None)
                     log.write(step, **metrics)
                     if is_better(metrics, best, classification):
                         best = metrics["val_accuracy"] if classification else metrics["val_loss"]
