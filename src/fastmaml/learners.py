@@ -357,10 +357,13 @@ class MAML(nn.Module):
         if self.strategy != "auto":
             return core.Plan(self.strategy)
         x = episode.support_x
+        threads = self.task_threads
+        if threads is None:  # asked only where the rule uses it (CPU conv nets): see DistContext.close
+            threads = torch.get_num_threads() if x.device.type == "cpu" and self.has_conv else 1
         plan = core.choose_strategy(
             device_type=x.device.type, has_conv=self.has_conv, tasks=x.shape[0],
             examples_per_task=x.shape[1] + episode.query_x.shape[1], example_numel=math.prod(x.shape[2:]),
-            threads=self.task_threads or torch.get_num_threads(),
+            threads=threads,
         )
         return dataclasses.replace(plan, strategy="vmap", threads=1) if self.compile_objective else plan
 

@@ -113,10 +113,13 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     local_batch = distributed.shard_size(cfg.meta_batch, ctx.world_size)
     device = ctx.device(resolve_device(cfg.device))
     ctx.start(device)
+    finished = False
     try:
-        return _train(config, run_dir, resume, progress, ctx, local_batch, device)
+        result = _train(config, run_dir, resume, progress, ctx, local_batch, device)
+        finished = True
+        return result
     finally:
-        ctx.close()
+        ctx.close(finished)
 
 
 def _prepare_run_dir(config: Config, run_dir: Path, resume: bool, world_size: int) -> dict[str, Any] | None:
