@@ -135,8 +135,8 @@ class TrainConfig:
     """torch CPU threads (0 = torch's default)."""
     reuse_freed_memory: bool = False
     """On CPU (Linux, glibc): keep freed memory in the process instead of page-faulting it in again
-    every step (fastmaml.runtime; MiniImagenet first order 1.6x faster per step). Opt-in: under
-    torchrun (gloo) 2 of 15 two-process runs aborted at exit with it, 0 of 15 without."""
+    every step (fastmaml.runtime; MiniImagenet first order 1.6x faster per step). Opt-in: it is a
+    process-wide change, not yet proven safe everywhere (see fastmaml.runtime)."""
 
 
 @dataclass

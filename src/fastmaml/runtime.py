@@ -10,9 +10,11 @@ stays at its high-water mark, which a training process reaches anyway on its fir
 
 This is a process-wide setting, so the library never applies it on import: ``fastmaml train``
 does when asked (config ``train.reuse_freed_memory=true``), and scripts may call
-:func:`reuse_freed_memory`. It is opt-in because it is not understood everywhere: two-process
-``torchrun`` runs (gloo) of the test suite's distributed worker aborted at exit ("terminate called
-without an active exception") in 2 of 15 runs with it and 0 of 15 without.
+:func:`reuse_freed_memory`. It is opt-in out of caution: two-process ``torchrun`` runs (gloo) of
+the test suite's distributed worker aborted at exit ("terminate called without an active
+exception") in 2 of 15 runs with it and 0 of 15 without. The same abort later appeared without it
+too, and went away when ranks left the process group together (``DistContext.close``), so it may
+not have been the cause.
 """
 
 from __future__ import annotations
