@@ -17,7 +17,7 @@
 # Not fetched: learn2learn (an sdist that needs compiling; compare.py runs its re-implementation,
 # --learn2learn reimpl), gymnasium/mujoco (the suite runs no RL test), and tensorboard's server-side
 # needs (grpcio, werkzeug, markdown, tensorboard-data-server): torch.utils.tensorboard.SummaryWriter,
-# which fastmaml.runlog opens in every training run, imports only tensorboard, absl-py, protobuf,
+# which fastmaml.runs opens in every training run, imports only tensorboard, absl-py, protobuf,
 # numpy and six (checked by blocking the others' imports).
 set -euo pipefail
 

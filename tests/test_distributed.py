@@ -23,7 +23,7 @@ from fastmaml.config import load_config
 from fastmaml.distributed import DistContext, from_env, shard_size, task_seed
 from fastmaml.episode import Episode
 from fastmaml.experiment import build_learner, build_tasks
-from fastmaml.runlog import read_metrics
+from fastmaml.runs import read_metrics
 from fastmaml.train import train
 
 WORLD = 2

@@ -14,7 +14,7 @@ from fastmaml.cli import main as cli_main
 from fastmaml.config import PRESET_DIR, ConfigError
 from fastmaml.rl import metarl, runner
 from fastmaml.rl.config import load_rl_config
-from fastmaml.runlog import read_metrics
+from fastmaml.runs import read_metrics
 from fastmaml.train import TrainingDiverged
 
 TINY = ["train.meta_batch=3", "train.rollouts=4", "policy.hidden=[16]", "train.checkpoint_every=1",

@@ -19,18 +19,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from fastmaml.runs import TrainingDiverged
+    from fastmaml.storage import DiskFullError
+
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:
-        from fastmaml.train import TrainingDiverged
-
-        if isinstance(error, TrainingDiverged):
-            print(f"fastmaml: {error}", file=sys.stderr)
-            return 1
-        raise
+    except (TrainingDiverged, DiskFullError) as error:  # the run stopped; its last checkpoint is kept
+        print(f"fastmaml: {error}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +94,8 @@ def _is_rl(config_or_run: str | Path | None, run_dir: bool = False) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastmaml.train import load_run_config, train
+    from fastmaml.runs import load_run_config
+    from fastmaml.train import train
 
     overrides = list(args.overrides)
     if args.device:
@@ -157,7 +157,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from fastmaml import plots
-    from fastmaml.train import load_run_config
+    from fastmaml.runs import load_run_config
 
     runs = [args.run_dir, *args.compare]
     if _is_rl(args.run_dir, run_dir=True):

@@ -8,10 +8,12 @@ directory and is what ``eval``, ``plot`` and ``--resume`` read back.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -22,35 +24,71 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+@dataclass(frozen=True)
+class AtLeast:
+    """A value range: ``>= low`` (``> low`` when ``strict``); floats must also be finite."""
+
+    low: float
+    strict: bool = False
+
+    def allows(self, value: float) -> bool:
+        return math.isfinite(value) and (value > self.low if self.strict else value >= self.low)
+
+    def describe(self, base: type) -> str:
+        kind = "an integer" if base is int else "a finite number"
+        return f"{kind} {'>' if self.strict else '>='} {self.low:g}"
+
+
+@dataclass(frozen=True)
+class Matches:
+    """A string matching ``pattern`` (described by ``what``)."""
+
+    pattern: str
+    what: str
+
+    def allows(self, value: str) -> bool:
+        return re.fullmatch(self.pattern, value) is not None
+
+    def describe(self, base: type) -> str:  # noqa: ARG002
+        return self.what
+
+
+PositiveInt = Annotated[int, AtLeast(1)]
+NonNegativeInt = Annotated[int, AtLeast(0)]
+PositiveFloat = Annotated[float, AtLeast(0, strict=True)]
+NonNegativeFloat = Annotated[float, AtLeast(0)]
+Device = Annotated[str, Matches(r"cpu|cuda(:\d+)?|mps", "cpu, cuda or cuda:N")]
+
+
 @dataclass
 class TaskConfig:
-    name: str = "sinusoid"
+    name: Literal["sinusoid", "omniglot", "miniimagenet"] = "sinusoid"
     """Task family: sinusoid | omniglot | miniimagenet."""
-    ways: int = 5
+    ways: PositiveInt = 5
     """Classes per task (N); ignored for regression."""
-    shots: int = 10
+    shots: PositiveInt = 10
     """Support examples per class (K) in meta-training."""
-    queries: int = 10
+    queries: PositiveInt = 10
     """Query examples per class in meta-training."""
-    rotation: str = "per_task"
+    rotation: Literal["per_task", "classes", "none"] = "per_task"
     """Omniglot rotation protocol: per_task (original code) | classes (rotations as new classes) | none."""
     data_root: str = ""
     """Folder with the data set files; empty means the FASTMAML_DATA environment variable."""
     cache_dir: str = ""
     """Where decoded data sets are cached; empty means FASTMAML_CACHE or ~/.cache/fastmaml."""
-    max_classes: int = 0
+    max_classes: NonNegativeInt = 0
     """Use only the first N meta-train classes (0 = all); for quick tests and demos."""
 
 
 @dataclass
 class ModelConfig:
-    name: str = "sinusoid_mlp"
+    name: Literal["sinusoid_mlp", "conv", "bn_mlp"] = "sinusoid_mlp"
     """Network: sinusoid_mlp | conv | bn_mlp."""
-    hidden: int = 40
+    hidden: PositiveInt = 40
     """Hidden width of sinusoid_mlp."""
-    filters: int = 64
+    filters: PositiveInt = 64
     """Conv filters per block (64 Omniglot, 32 MiniImagenet)."""
-    init: str = "torch"
+    init: Literal["torch", "paper"] = "torch"
     """Initialisation: torch (PyTorch defaults) | paper (the original code's)."""
     bn_scale: bool = True
     """conv / bn_mlp: BatchNorm with a learned scale (PyTorch) or, false, offset only (the original
@@ -59,42 +97,42 @@ class ModelConfig:
 
 @dataclass
 class MetaConfig:
-    algorithm: str = "maml"
+    algorithm: Literal["maml", "metasgd", "anil", "mamlpp", "pretrain"] = "maml"
     """maml | metasgd | anil | mamlpp | pretrain (the paper's baseline: one model, no inner loop)."""
-    inner_lr: float = 0.01
+    inner_lr: NonNegativeFloat = 0.01
     """Inner step size alpha."""
-    inner_steps: int = 1
+    inner_steps: NonNegativeInt = 1
     """Inner steps in meta-training."""
     first_order: bool = False
     """First-order MAML (drop second derivatives)."""
-    reduction: str = "mean"
+    reduction: Literal["mean", "sum_over_classes"] = "mean"
     """Inner-loss scale: mean (PyTorch) | sum_over_classes (the original TensorFlow code)."""
     adapt_batchnorm: bool = True
     """maml / metasgd: adapt BatchNorm's parameters in the inner loop, or, false, meta-learn them
     only (the original code, whose batch_norm variables were outside the adapted weights; mamlpp
     and anil never adapt them)."""
-    strategy: str = "auto"
+    strategy: Literal["auto", "vmap", "loop"] = "auto"
     """Execution over the tasks of a meta-batch: auto (per model, data shape and device; see
     fastmaml.core.choose_strategy) | vmap | loop."""
-    chunk_size: int = 0
+    chunk_size: NonNegativeInt = 0
     """Tasks per vmapped chunk to bound memory (0 = all at once)."""
-    backward_chunk: int = 0
+    backward_chunk: NonNegativeInt = 0
     """Backpropagate the meta-batch this many tasks at a time (0 = all at once): same gradient, the
     peak memory of one chunk's graph."""
     checkpoint: bool = False
     """Recompute inner steps in the backward pass: memory flat in the number of steps (strategy loop)."""
-    task_threads: int = 0
+    task_threads: NonNegativeInt = 0
     """CPU threads running strategy auto's backward chunks at once, one intra-op thread each (0 = the
     plan's choice for torch's thread count, train.threads; 1 = one chunk after another)."""
     compile: bool = False
     """torch.compile the vmapped meta-objective (first iteration compiles; not with per-step BatchNorm)."""
-    compile_mode: str = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs on GPU) | max-autotune[-no-cudagraphs]."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 | bf16 (bfloat16 autocast of the model's forward; parameters, updates and losses stay float32)."""
-    msl_iterations: int = 0
+    msl_iterations: NonNegativeInt = 0
     """mamlpp: iterations over which the multi-step loss anneals to the final step (0 = final only)."""
-    first_order_iterations: int = 0
+    first_order_iterations: NonNegativeInt = 0
     """mamlpp: iterations of first-order training before second order (derivative-order annealing)."""
     per_step_bn: bool = True
     """mamlpp: one BatchNorm weight set per inner step."""
@@ -104,34 +142,34 @@ class MetaConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 70000
+    iterations: PositiveInt = 70000
     """Meta-training iterations (outer updates)."""
-    meta_batch: int = 25
+    meta_batch: PositiveInt = 25
     """Tasks per meta-batch."""
-    outer_lr: float = 0.001
+    outer_lr: NonNegativeFloat = 0.001
     """Adam learning rate beta."""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     """Meta learning-rate schedule: constant | cosine (MAML++: annealed to min_outer_lr)."""
-    min_outer_lr: float = 0.0
+    min_outer_lr: NonNegativeFloat = 0.0
     """Final learning rate of the cosine schedule."""
-    grad_clip: float = 0.0
+    grad_clip: NonNegativeFloat = 0.0
     """Clip the meta-gradient norm (0 = off)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed for initialisation and the task stream."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """cpu | cuda | cuda:N."""
-    log_every: int = 100
+    log_every: PositiveInt = 100
     """Iterations between metric lines."""
-    val_every: int = 1000
+    val_every: NonNegativeInt = 1000
     """Iterations between validations (0 = off)."""
-    val_tasks: int = 200
+    val_tasks: PositiveInt = 200
     """Held-out tasks per validation."""
-    val_steps: int = 0
+    val_steps: NonNegativeInt = 0
     """Inner steps before validation scores the query sets (0 = meta.inner_steps, as in training):
     e.g. 3 to pick best.pt at the step count the paper tests Omniglot with (trained with 1)."""
-    checkpoint_every: int = 1000
+    checkpoint_every: PositiveInt = 1000
     """Iterations between checkpoints (one is always written at the end)."""
-    threads: int = 0
+    threads: NonNegativeInt = 0
     """torch CPU threads (0 = torch's default)."""
     reuse_freed_memory: bool = False
     """On CPU (Linux, glibc): keep freed memory in the process instead of page-faulting it in again
@@ -141,21 +179,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: int = 600
+    tasks: PositiveInt = 600
     """Test tasks per evaluation (the literature uses 600)."""
-    steps: int = 10
+    steps: NonNegativeInt = 10
     """Evaluate after 0..steps inner updates."""
-    shots: list[int] = field(default_factory=lambda: [5, 10, 20])
+    shots: list[PositiveInt] = field(default_factory=lambda: [5, 10, 20])
     """Support sizes K to evaluate."""
-    queries: int = 10
+    queries: PositiveInt = 10
     """Query examples per class at test time."""
-    inner_lr: float = 0.0
+    inner_lr: NonNegativeFloat = 0.0
     """Test-time step size (0 = the training inner_lr)."""
-    tune_lr: list[float] = field(default_factory=list)
+    tune_lr: list[PositiveFloat] = field(default_factory=list)
     """Candidate step sizes chosen on validation tasks (the pretrained baseline's tuned step size)."""
-    batch: int = 100
+    batch: PositiveInt = 100
     """Tasks per evaluation batch."""
-    seed: int = 1234
+    seed: NonNegativeInt = 1234
     """Seed of the test tasks (fixed, so every model sees the same tasks)."""
 
 
@@ -207,10 +245,25 @@ def read_yaml(name_or_path: str) -> tuple[dict[str, Any], Path]:
     """The mapping in a preset or YAML file, and the file it came from."""
     path = resolve_preset(name_or_path)
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = parse_yaml(f.read(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data, path
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Plain YAML values only; a syntax error or a language-specific tag is one line naming where."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(filter(None, (error.context, error.problem))).replace("\n", " ")
+        if isinstance(error, yaml.constructor.ConstructorError):
+            problem += " (config files hold plain values only: numbers, strings, lists, mappings)"
+        raise ConfigError(f"{source}{where}: {problem}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({error})") from None
 
 
 def apply_overrides(config: Any, overrides: list[str]) -> Any:
@@ -228,7 +281,7 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key {key!r}; valid keys there: {', '.join(node)}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
     return build_config(type(config), data, source="overrides")
 
 
@@ -242,7 +295,7 @@ def _sections(config: Any) -> str:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
@@ -262,6 +315,22 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """``value`` as the field's type, checked against its declared choices or range."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base, *constraints = typing.get_args(hint)
+        value = _coerce(value, base, key, source)
+        for constraint in constraints:
+            if not constraint.allows(value):
+                raise ConfigError(f"{source}: config key {key!r} must be {constraint.describe(base)}, got {value!r}")
+        return value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{source}: config key {key!r} must be one of {', '.join(map(str, choices))}; "
+                              f"got {value!r}")
+        return value
+
     def fail() -> ConfigError:
         return ConfigError(f"{source}: config key {key!r} must be {_type_name(hint)}, got {value!r}")
 
@@ -296,5 +365,5 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
-        return f"a list of {typing.get_args(hint)[0].__name__}"
+        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

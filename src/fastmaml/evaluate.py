@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from fastmaml import checkpoint
 from fastmaml.config import Config
+from fastmaml.episode import Episode
 from fastmaml.experiment import TaskSource, build_learner, build_tasks, is_classification, resolve_device
 from fastmaml.learners import MAML
 from fastmaml.rules import SGD, InnerRule
-from fastmaml.train import BEST, LAST, load_run_config, sample_validation
+from fastmaml.runs import RunDir, load_run_config
 
 
 @dataclass
@@ -36,6 +36,12 @@ def mean_ci95(values: torch.Tensor) -> Curve:
     n = values.shape[0]
     std = values.std(dim=0, unbiased=True) if n > 1 else torch.zeros(values.shape[1], dtype=values.dtype)
     return Curve(values.mean(0).tolist(), (1.96 * std / math.sqrt(n)).tolist())
+
+
+def sample_validation(tasks: TaskSource, count: int, batch: int, seed: int, device: torch.device) -> list[Episode]:
+    """A fixed set of held-out episodes: the same at every validation, after resume, and for every model."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [tasks.sample(min(batch, count - start), generator) for start in range(0, count, batch)]
 
 
 def evaluate_tasks(learner: MAML, tasks: TaskSource, num_tasks: int, steps: int, batch: int, seed: int,
@@ -80,10 +86,8 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: list[str] | None
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, overrides)
     dev = resolve_device(config.train.device)
-    path = run_dir / (BEST if which == "best" else LAST)
-    if which == "best" and not path.exists():
-        path = run_dir / LAST
-    state = checkpoint.load(path, map_location=dev)
+    run = RunDir(run_dir)
+    state = run.load_checkpoint(which, map_location=dev)
     learner = build_learner(config, dev)
     learner.load_state_dict(state["learner"])
     ev = config.eval
@@ -97,7 +101,7 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: list[str] | None
         rule = SGD(lr)
 
     results: dict[str, Any] = {
-        "run_dir": str(run_dir), "checkpoint": path.name, "checkpoint_step": state["step"],
+        "run_dir": str(run_dir), "checkpoint": run.checkpoint_name(which), "checkpoint_step": state["step"],
         "tasks": ev.tasks, "steps": ev.steps, "inner_lr": lr, "algorithm": config.meta.algorithm,
         "device": str(dev), "by_shots": {},
     }
@@ -106,8 +110,8 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: list[str] | None
         curves = evaluate_tasks(learner, tasks, ev.tasks, ev.steps, ev.batch, ev.seed + shots, dev, rule=rule)
         results["by_shots"][str(shots)] = {k: asdict(v) for k, v in curves.items()}
     results["queries"] = ev.queries
-    (run_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (run_dir / f"{name}.md").write_text(format_table(results, is_classification(config)))
+    run.write_text(f"{name}.json", json.dumps(results, indent=1))
+    run.write_text(f"{name}.md", format_table(results, is_classification(config)))
     return results
 
 
@@ -118,10 +122,11 @@ def format_table(results: dict[str, Any], classification: bool) -> str:
     name = "accuracy (%)" if classification else "MSE"
     lines = [
         f"{results['algorithm']} — {name} on {results['tasks']} test tasks "
-        f"({results['queries']} query examples per class), mean ± 95% CI, "
+        f"({results['queries']} {'query examples per class' if classification else 'query points per task'}), "
+        "mean ± 95% CI, "
         f"inner lr {results['inner_lr']:g}, checkpoint {results['checkpoint']} (step {results['checkpoint_step']})",
         "",
-        "| K | " + " | ".join(f"{s} steps" for s in range(steps + 1)) + " |",
+        "| K | " + " | ".join(f"{s} step{'' if s == 1 else 's'}" for s in range(steps + 1)) + " |",
         "|---" * (steps + 2) + "|",
     ]
     scale = 100.0 if classification else 1.0

@@ -11,11 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fastmaml import checkpoint  # noqa: E402
 from fastmaml.experiment import build_learner, build_tasks  # noqa: E402
 from fastmaml.rules import SGD  # noqa: E402
-from fastmaml.runlog import read_metrics  # noqa: E402
-from fastmaml.train import BEST, LAST, load_run_config  # noqa: E402
+from fastmaml.runs import RunDir, load_run_config, read_metrics  # noqa: E402
 
 
 def plot_learning_curves(run_dir: Path) -> Path:
@@ -83,8 +81,7 @@ def plot_sinusoid_fits(run_dirs: list[Path], labels: list[str], out: Path, shots
     for row, (run_dir, label) in enumerate(zip(run_dirs, labels)):
         config = load_run_config(run_dir, ["train.device=cpu"])
         learner = build_learner(config, torch.device("cpu"))
-        path = Path(run_dir) / BEST if (Path(run_dir) / BEST).exists() else Path(run_dir) / LAST
-        learner.load_state_dict(checkpoint.load(path)["learner"])
+        learner.load_state_dict(RunDir(run_dir).load_checkpoint("best")["learner"])
         eval_lr = json.loads((Path(run_dir) / "eval.json").read_text())["inner_lr"] if (
             Path(run_dir) / "eval.json").exists() else config.meta.inner_lr
         for col, k in enumerate(shots):
@@ -116,8 +113,7 @@ def plot_episode(run_dir: Path, out: Path, steps: int | None = None, seed: int =
     model's predictions (green when right, red when wrong)."""
     config = load_run_config(run_dir, ["train.device=cpu"])
     learner = build_learner(config, torch.device("cpu"))
-    path = Path(run_dir) / BEST if (Path(run_dir) / BEST).exists() else Path(run_dir) / LAST
-    learner.load_state_dict(checkpoint.load(path)["learner"])
+    learner.load_state_dict(RunDir(run_dir).load_checkpoint("best")["learner"])
     steps = config.eval.steps if steps is None else steps
     ways, shots = config.task.ways, config.eval.shots[0]
     tasks = build_tasks(config, "test", torch.device("cpu"), shots=shots, queries=max_queries)

@@ -2,37 +2,92 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+STALE_FOREIGN_TEMP_S = 24 * 3600
+"""A temp file whose writer cannot be checked (another host, an old name) is stale after a day."""
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (or quota); the file it was replacing is left as it was."""
+
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through a temp file in the same folder, fsync, ``os.replace``, fsync the folder.
 
     Readers see the old file or the new one, never half of one, even after a crash or SIGKILL.
+    The temp file's name carries the writer's pid, so a later successful write removes the temp
+    files that killed writers left beside ``path``. A full disk raises :class:`DiskFullError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in FULL_DISK_ERRORS:
+            raise DiskFullError(
+                error.errno, f"the disk holding {path.parent} is full ({os.strerror(error.errno)}) while writing "
+                f"{path.name}; {path} is left as it was. Free space there, then run the command again"
+            ) from error
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+    remove_stale_temps(path)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` survive a power cut."""
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(handle)
     finally:
-        os.close(folder)
+        os.close(handle)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temp files of ``path`` whose writer is dead (or, unknown, that are over a day old)."""
+    removed = []
+    for temp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        if _writer_alive(temp):
+            continue
+        try:
+            temp.unlink()
+            removed.append(temp)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
+
+
+def _writer_alive(temp: Path) -> bool:
+    pid = temp.name.rsplit(".", 3)[-3] if temp.name.count(".") >= 3 else ""
+    if pid.isdigit():
+        if int(pid) == os.getpid():
+            return False  # ours, and not in flight: write_atomic removes its own temp on every error
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        return time.time() - temp.stat().st_mtime < STALE_FOREIGN_TEMP_S
+    except FileNotFoundError:
+        return True
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -12,25 +12,27 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fastmaml import checkpoint
-from fastmaml.config import ConfigError, save_config
+from fastmaml.config import ConfigError, apply_overrides, build_config
 from fastmaml.evaluate import mean_ci95
 from fastmaml.experiment import resolve_device
 from fastmaml.rl import metarl, policies
-from fastmaml.rl.config import RLConfig, load_rl_config
+from fastmaml.rl.config import RLConfig, validate
 from fastmaml.rl.envs import make_batch_env
 from fastmaml.rl.sampling import BatchEnv
-from fastmaml.runlog import RunLog
-from fastmaml.train import StopRequest, TrainingDiverged
+from fastmaml.runs import INIT, LAST, RunDir, RunLog, StopRequest, TrainingDiverged, check_resume_changes
 
-CONFIG, LAST, INIT = "config.yaml", "last.pt", "init.pt"
-CHECKPOINTS = {"last": LAST, "best": LAST, "init": INIT}
+CHECKPOINTS = ("last", "best", "init")
+RESUMABLE = ("name", "train.iterations", "train.checkpoint_every", "train.threads", "train.device", "eval.*",
+             "outer.max_kl", "outer.cg_iterations", "outer.cg_damping", "outer.hvp", "outer.fd_eps",
+             "outer.backtracks", "outer.backtrack_ratio", "outer.ppo_clip", "outer.ppo_epochs")
+"""Config keys a meta-RL ``--resume`` may change: the outer step's settings are read afresh every iteration."""
 
 
 def build_env(config: RLConfig) -> BatchEnv:
@@ -50,43 +52,55 @@ def inner_settings(config: RLConfig, evaluation: bool = False) -> metarl.InnerSe
 
 
 def load_run_rl_config(run_dir: Path, overrides: list[str] | None = None) -> RLConfig:
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {CONFIG}; is it a fastmaml run directory?")
-    return load_rl_config(str(path), overrides)
+    run = RunDir(run_dir)
+    data = run.read_config_data()
+    return validate(apply_overrides(build_config(RLConfig, data, source=str(run / "config.yaml")), overrides or []))
 
 
 def train_rl(config: RLConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Meta-train a policy into ``run_dir``; with ``resume``, continue from ``run_dir/last.pt`` exactly."""
-    run_dir = Path(run_dir)
+    """Meta-train a policy into ``run_dir``; with ``resume``, continue from its last checkpoint exactly.
+
+    Nothing is written until the run can start (see :mod:`fastmaml.runs`).
+    """
+    run = RunDir(run_dir)
+    try:
+        return _train_rl(config, run, resume, progress)
+    finally:
+        run.release()
+
+
+def _train_rl(config: RLConfig, run: RunDir, resume: bool, progress: bool) -> dict[str, Any]:
+    run_dir = run.path
     cfg = config.train
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if not resume and run.has_checkpoint():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-dir")
     env = build_env(config)
     settings, outer = inner_settings(config), config.outer
     if resume:
-        state = checkpoint.load(run_dir / LAST)
+        run.open_resume()
+        check_resume_changes(run.read_config_data(), asdict(config), RESUMABLE)
+        state = run.load_last()
         theta = {k: v.to(device) for k, v in state["theta"].items()}
         rng = np.random.default_rng()
         rng.bit_generator.state = _rng_state_from_tensor(state["rng"])
         start, ppo_state = state["iteration"], state.get("ppo", {})
     else:
-        if (run_dir / LAST).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator().manual_seed(cfg.seed)
         theta = policies.init_policy(env.observation_dim, env.action_dim, config.policy.hidden,
                                      config.policy.init_std, generator)
         theta = {k: v.to(device) for k, v in theta.items()}
         rng = np.random.default_rng(cfg.seed)
         start, ppo_state = 0, {}
-        checkpoint.save_atomic({"theta": _cpu(theta), "iteration": 0}, run_dir / INIT)
-    save_config(config, run_dir / CONFIG)
+        run.open_new()
+        run.save(INIT, {"theta": _cpu(theta), "iteration": 0})
+    run.write_config(config)
 
     def save() -> None:
-        checkpoint.save_atomic({"theta": _cpu(theta), "iteration": iteration, "rng": _rng_state_to_tensor(rng),
-                                "ppo": ppo_state}, run_dir / LAST)
+        run.save_last({"theta": _cpu(theta), "iteration": iteration, "rng": _rng_state_to_tensor(rng),
+                       "ppo": ppo_state})
 
     log = RunLog(run_dir, resume_step=start if resume else None)
     bar = _progress(progress, start, cfg.iterations)
@@ -131,7 +145,7 @@ def train_rl(config: RLConfig, run_dir: Path, resume: bool = False, progress: bo
         log.close()
         if bar is not None:
             bar.close()
-    if not (run_dir / LAST).exists():
+    if not run.has_checkpoint():
         save()
     return {"iteration": iteration, "run_dir": str(run_dir)}
 
@@ -140,7 +154,7 @@ def evaluate_rl_run(run_dir: Path, which: str = "last", overrides: list[str] | N
                     name: str = "eval") -> dict[str, Any]:
     """Average return over ``eval.tasks`` fixed test tasks after 0..steps policy-gradient steps,
     with 95% confidence intervals over tasks; writes ``NAME.json`` and ``NAME.md``."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     if which not in CHECKPOINTS:
         raise ConfigError(f"checkpoint {which!r}: use one of {', '.join(CHECKPOINTS)}")
     config = load_run_rl_config(run_dir, overrides)
@@ -148,7 +162,7 @@ def evaluate_rl_run(run_dir: Path, which: str = "last", overrides: list[str] | N
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     env = build_env(config)
-    state = checkpoint.load(run_dir / CHECKPOINTS[which])
+    state = run.load_checkpoint("last" if which == "best" else which)  # meta-RL keeps no best: the last
     theta = {k: v.to(device) for k, v in state["theta"].items()}
     ev = config.eval
     tasks = env.sample_tasks(np.random.default_rng(ev.seed), ev.tasks)
@@ -159,8 +173,8 @@ def evaluate_rl_run(run_dir: Path, which: str = "last", overrides: list[str] | N
     result = {"env": config.env.name, "checkpoint": which, "iteration": state["iteration"], "tasks": ev.tasks,
               "rollouts": ev.rollouts, "inner_lr": config.meta.inner_lr, "later_lr_scale": ev.later_lr_scale,
               "return": {"mean": curve.mean, "ci95": curve.ci95}, "seconds": time.perf_counter() - start}
-    (run_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (run_dir / f"{name}.md").write_text(format_rl_table(result))
+    run.write_text(f"{name}.json", json.dumps(result, indent=2))
+    run.write_text(f"{name}.md", format_rl_table(result))
     return result
 
 
