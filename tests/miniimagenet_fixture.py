@@ -47,14 +47,18 @@ class FixtureImage:
     mode: str
 
 
+DATA_ENV = ("FASTMAML_DATA", "FASTMAML_SHARED_DATA")
+"""Where the real data may be: ``FASTMAML_DATA`` as for the product; ``FASTMAML_SHARED_DATA`` is an older alias."""
+
+
 def shared_miniimagenet_splits() -> Path | None:
-    """The real split files: ``$FASTMAML_SHARED_DATA/miniimagenet/splits``, else ``shared/data/...``
-    beside or in the repo."""
+    """The real split files, where the loader looks for them under ``$FASTMAML_DATA`` (the folder
+    or its ``miniimagenet/``, each with the csv files or a ``splits/`` folder of them), then the
+    same under ``$FASTMAML_SHARED_DATA``, then ``shared/data`` beside or in the repo."""
     repo = Path(__file__).resolve().parents[1]
-    env = os.environ.get("FASTMAML_SHARED_DATA")
-    candidates = [Path(env)] if env else [repo.parent / "shared" / "data", repo / "shared" / "data"]
-    for data in candidates:
-        folder = data / "miniimagenet" / "splits"
+    roots = [Path(os.environ[name]).expanduser() for name in DATA_ENV if os.environ.get(name)]
+    roots += [repo.parent / "shared" / "data", repo / "shared" / "data"]
+    for folder in (f for root in roots for data in (root, root / "miniimagenet") for f in (data, data / "splits")):
         if all((folder / f"{split}.csv").is_file() for split in SPLITS):
             return folder
     return None

@@ -386,7 +386,7 @@ def test_unknown_split_and_unwritable_cache(csv_root, tmp_path):
 # --- the real split files (skipped where the shared data folder is absent) --------------------
 
 REAL = shared_miniimagenet_splits()
-needs_real = pytest.mark.skipif(REAL is None, reason="real MiniImagenet split files not found (FASTMAML_SHARED_DATA)")
+needs_real = pytest.mark.skipif(REAL is None, reason="real MiniImagenet split files not found (set FASTMAML_DATA)")
 
 
 @needs_real

@@ -376,7 +376,7 @@ def test_download_reports_an_unreachable_file(server, tmp_path):
 # --- the real zips (skipped where the shared data folder is absent) ---------------------------
 
 REAL = shared_omniglot_dir()
-needs_real = pytest.mark.skipif(REAL is None, reason="real Omniglot zips not found (set FASTMAML_SHARED_DATA)")
+needs_real = pytest.mark.skipif(REAL is None, reason="real Omniglot zips not found (set FASTMAML_DATA)")
 
 
 @needs_real

@@ -15,7 +15,7 @@ from fastmaml.train import train
 REAL = shared_omniglot_dir()
 
 
-@pytest.mark.skipif(REAL is None, reason="real Omniglot zips not found (set FASTMAML_SHARED_DATA)")
+@pytest.mark.skipif(REAL is None, reason="real Omniglot zips not found (set FASTMAML_DATA)")
 def test_5way_1shot_learns_well_above_chance(tmp_path: Path, real_omniglot_cache: Path) -> None:
     """5-way 1-shot on 200 meta-train characters for 250 iterations, tested on unseen test characters."""
     config = load_config("omniglot_5way1shot", [

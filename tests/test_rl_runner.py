@@ -64,6 +64,17 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         runner.train_rl(load_rl_config(NAV, TINY), tmp_path / "a", progress=False)
 
 
+def test_resume_refuses_a_changed_inner_step_and_applies_a_changed_trust_region(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert cli_main(["train", NAV, *TINY, "train.iterations=1", "--run-dir", str(run), "--no-progress"]) == 0
+    config = (run / "config.yaml").read_bytes()
+    assert cli_main(["train", "--resume", str(run), "meta.inner_lr=0.5", "train.iterations=2", "--no-progress"]) == 2
+    assert "meta.inner_lr: 0.1 -> 0.5" in capsys.readouterr().err and (run / "config.yaml").read_bytes() == config
+    assert cli_main(["train", "--resume", str(run), "outer.max_kl=0.02", "train.iterations=2", "--no-progress"]) == 0
+    assert load_rl_config(str(run / "config.yaml")).outer.max_kl == 0.02
+
+
 def test_sigint_stops_after_the_meta_iteration_and_checkpoints_it(tmp_path: Path, monkeypatch) -> None:
     """Ctrl-C during meta-iteration 2 of 6 (checkpoints every 5): iteration 2 is saved, and the
     default handler is back afterwards; resuming reaches the uninterrupted run's policy."""

@@ -246,5 +246,5 @@ def test_config_defaults_to_auto_and_passes_strategy_and_compile() -> None:
     assert learner.strategy == "vmap" and learner.compile_objective is True
     assert build_learner(load_config("omniglot_5way1shot", ["meta.checkpoint=true"]), torch.device("cpu")).strategy \
         == "loop"
-    with pytest.raises(ValueError, match="use auto, vmap or loop"):
+    with pytest.raises(ValueError, match="must be one of auto, vmap, loop"):
         build_learner(load_config("sinusoid", ["meta.strategy=pmap"]), torch.device("cpu"))

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
@@ -126,6 +127,21 @@ class _Reparametrized:
                 table[attr] = value
 
 
+def check_inner_loop(inner_lr: float, inner_steps: int) -> None:
+    """The inner loop's settings, checked where a learner is built (before any rule uses them):
+    a string or NaN step size otherwise fails deep inside the first meta-step, or trains on NaN."""
+    if not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool):
+        raise TypeError(f"inner_lr must be a real number (float), got {type(inner_lr).__name__} {inner_lr!r}; "
+                        "pass e.g. inner_lr=0.01")
+    if not math.isfinite(inner_lr):
+        raise ValueError(f"inner_lr must be finite, got {inner_lr!r}; pass e.g. inner_lr=0.01")
+    if not isinstance(inner_steps, numbers.Integral) or isinstance(inner_steps, bool):
+        raise TypeError(f"inner_steps must be an int, got {type(inner_steps).__name__} {inner_steps!r}; "
+                        "pass e.g. inner_steps=1")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+
+
 def _add_gradients(total: Sequence[Tensor | None], more: Sequence[Tensor | None]) -> list[Tensor | None]:
     """Element-wise sum of two gradient lists in which ``None`` means zero."""
     return [b if a is None else (a if b is None else a + b) for a, b in zip(total, more)]
@@ -216,8 +232,7 @@ class MAML(nn.Module):
     ) -> None:
         super().__init__()
         check_meta_learnable(model)
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        check_inner_loop(inner_lr, inner_steps)
         self.model = model
         self.inner_steps = inner_steps
         self.rule: InnerRule = rule if rule is not None else SGD(inner_lr, first_order)
@@ -376,6 +391,7 @@ class MAML(nn.Module):
         (only first derivatives: ``create_graph=True`` through it raises).
         """
         self._check(episode.support_x, episode.query_x)
+        episode.require_queries("meta_loss")
         steps = self.inner_steps if steps is None else steps
         plan = self.plan(episode)
         total = episode.num_tasks
@@ -453,6 +469,7 @@ class MAML(nn.Module):
         ``rule`` overrides the inner rule, e.g. a tuned step size for a pretrained baseline.
         """
         self._check(episode.support_x, episode.query_x)
+        episode.require_queries("evaluate")
         params, buffers, rule_params = self._state()
         with self._autocast(episode.support_x):
             losses, predictions = core.evaluate_trajectory(
@@ -473,6 +490,11 @@ class MAML(nn.Module):
         ``rule`` overrides the inner rule (e.g. a tuned test-time step size).
         """
         self._check(x, y)
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"adapt takes one task's inputs x [n, ...] and targets y [n, ...] (no task dimension), "
+                             f"got x {list(x.shape)} and y {list(y.shape)}; pass episode.support_x[i], support_y[i]")
+        if x.shape[0] == 0:
+            raise ValueError(f"adapt got an empty support set (x {list(x.shape)}): give it at least one example")
         steps = self.inner_steps if steps is None else steps
         params, buffers, rule_params = self._state()
         with torch.no_grad():
@@ -533,6 +555,7 @@ def MetaSGD(
     model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False, **kwargs
 ) -> MAML:
     """Meta-SGD (Li et al. 2017): a learned inner step size per parameter element."""
+    check_inner_loop(inner_lr, inner_steps)
     return MAML(model, inner_steps=inner_steps, rule=PerParameterLR(inner_lr, first_order), **kwargs)
 
 
@@ -563,6 +586,7 @@ def MAMLPlusPlus(
     not adapted in the inner loop), multi-step loss and derivative-order annealing (the schedule).
     The cosine-annealed meta learning rate belongs to the trainer (``train.lr_schedule=cosine``).
     """
+    check_inner_loop(inner_lr, inner_steps)
     if per_step_bn:
         model = per_step_batchnorm(model, inner_steps + 1)
     norm = set(batchnorm_parameter_names(model))
@@ -576,4 +600,5 @@ def MAMLPlusPlus(
 
 def LSLR(model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False, **kwargs) -> MAML:
     """MAML with MAML++'s learned per-layer, per-step inner step sizes."""
+    check_inner_loop(inner_lr, inner_steps)
     return MAML(model, inner_steps=inner_steps, rule=PerLayerPerStepLR(inner_lr, inner_steps, first_order), **kwargs)

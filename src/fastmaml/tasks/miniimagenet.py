@@ -79,7 +79,7 @@ LAYOUT_HELP = (
     "test.csv (header filename,label) in DIR or DIR/splits; "
     "(b) pickle: DIR/mini-imagenet-cache-train.pkl, -val.pkl, -test.pkl, each a pickled dict with "
     "'image_data' (uint8 [n, 84, 84, 3]) and 'class_dict' (class name -> list of indices into image_data). "
-    "Pass DIR as --data-root (task.data_root) or set FASTMAML_DATA=DIR"
+    "Pass DIR as task.data_root=DIR (fastmaml train / eval) or set FASTMAML_DATA=DIR"
 )
 _CACHE_VERSION = b"fastmaml-miniimagenet-store-v1"
 _RESAMPLE = "lanczos"
