@@ -121,13 +121,92 @@ def _write_zip(path: Path, entries: list[tuple[str, bytes | None]], broken_entry
             archive.writestr(info, data or b"", compress_type=zipfile.ZIP_DEFLATED)
 
 
+DATA_ENV = ("FASTMAML_DATA", "FASTMAML_SHARED_DATA")
+"""Where the real data may be: ``FASTMAML_DATA`` as for the product; ``FASTMAML_SHARED_DATA`` is an older alias."""
+
+
 def shared_omniglot_dir() -> Path | None:
-    """The real zips: ``$FASTMAML_SHARED_DATA/omniglot``, else ``shared/data/omniglot`` beside or in the repo."""
+    """The real zips: in ``$FASTMAML_DATA`` or ``$FASTMAML_DATA/omniglot`` (as the loader looks),
+    then the same under ``$FASTMAML_SHARED_DATA``, then ``shared/data/omniglot`` beside or in the repo."""
     repo = Path(__file__).resolve().parents[1]
-    env = os.environ.get("FASTMAML_SHARED_DATA")
-    candidates = [Path(env)] if env else [repo.parent / "shared" / "data", repo / "shared" / "data"]
-    for data in candidates:
-        folder = data / "omniglot"
+    roots = [Path(os.environ[name]).expanduser() for name in DATA_ENV if os.environ.get(name)]
+    roots += [repo.parent / "shared" / "data", repo / "shared" / "data"]
+    for folder in (f for root in roots for f in (root, root / "omniglot")):
         if all((folder / name).is_file() for name in LAYOUT):
             return folder
     return None
+
+
+# --- class splits and Lake et al.'s one-shot runs (tests/test_omniglot_splits.py, test_fixed_episodes.py) ---
+
+
+def split_layout() -> dict[str, dict[str, int]]:
+    """7 background alphabets (the ``background`` split holds out the last 5 sorted) and 3 evaluation ones."""
+    return {
+        "images_background.zip": {"Bb": 2, "Aa": 3, "Gg": 1, "Cc": 2, "Ff": 1, "Dd": 2, "Ee": 1},
+        "images_evaluation.zip": {"Yy": 2, "Xx": 1, "Zz": 2},
+    }
+
+
+def write_split_files(dest: Path, lines: Mapping[str, list[str]]) -> Path:
+    """``dest/<split>.txt`` per split with one ``Alphabet/characterNN/rotDDD`` line each (Vinyals format)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, rows in lines.items():
+        (dest / f"{split}.txt").write_text("".join(f"{row}\n" for row in rows))
+    return dest
+
+
+def lake_code(run: int, class_index: int, test: bool) -> int:
+    """The fixture code drawn for class ``class_index`` (0-based) of run ``run`` (1-based); bit 20 marks test items."""
+    return run * 64 + class_index + ((1 << 20) if test else 0)
+
+
+def read_lake_code(image: np.ndarray) -> tuple[int, int, bool]:
+    """``(run, class_index, test)`` of a decoded upright Lake fixture image (inverse of :func:`lake_code`)."""
+    code, turns = read_code(image)
+    assert code >= 0 and turns == 0, "not an upright fixture drawing"
+    return (code & ~(1 << 20)) // 64, code % 64, bool(code & (1 << 20))
+
+
+def make_lake_runs(
+    dest: Path, runs: int = 2, ways: int = 20, as_zip: bool = True, seed: int = 0
+) -> dict[str, list[int]]:
+    """Lake et al.'s one-shot runs in their published layout (``all_runs.zip`` or its folder) at ``dest``.
+
+    ``runNN/training/classKK.png`` draws :func:`lake_code` (run, KK-1); ``runNN/test/itemMM.png``
+    draws a random class's test code; ``class_labels.txt`` lists ``runNN/test/itemMM.png
+    runNN/training/classKK.png`` in shuffled order. Returns the true 0-based class of each item per run.
+    """
+    rng = np.random.default_rng(seed)
+    files: dict[str, bytes] = {}
+    truth = {}
+    for run in range(1, runs + 1):
+        name = f"run{run:02d}"
+        classes = rng.permutation(ways).tolist()
+        truth[name] = classes
+        for k in range(ways):
+            files[f"{name}/training/class{k + 1:02d}.png"] = png_bytes(lake_code(run, k, test=False))
+        lines = []
+        for m, k in enumerate(classes):
+            files[f"{name}/test/item{m + 1:02d}.png"] = png_bytes(lake_code(run, k, test=True))
+            lines.append(f"{name}/test/item{m + 1:02d}.png {name}/training/class{k + 1:02d}.png\n")
+        files[f"{name}/class_labels.txt"] = "".join(rng.permutation(lines).tolist()).encode()
+    if as_zip:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name in sorted(files, reverse=True):
+                archive.writestr(zipfile.ZipInfo(name, date_time=FIXED_TIME), files[name])
+    else:
+        for name, data in files.items():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(data)
+    return truth
+
+
+def lake_runs_zip() -> Path | None:
+    """Lake's published ``all_runs.zip``: ``$FASTMAML_LAKE_RUNS``, else beside the shared real zips."""
+    env = os.environ.get("FASTMAML_LAKE_RUNS")
+    if env:
+        return Path(env) if Path(env).exists() else None
+    folder = shared_omniglot_dir()
+    return folder / "all_runs.zip" if folder is not None and (folder / "all_runs.zip").is_file() else None

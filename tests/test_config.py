@@ -10,16 +10,21 @@ PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))  # supervised; confi
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[f"preset={p}" for p in PRESETS])
-def test_every_preset_loads_and_builds_its_learner(preset: str) -> None:
+def test_every_preset_loads_and_builds_its_learner(preset: str, tmp_path) -> None:
     import torch
 
     from fastmaml.experiment import build_learner
 
     config = load_config(preset)
     assert config.name == preset
+    if config.task.name == "table":  # the net's input width is the user's CSV's feature count
+        (tmp_path / "t.csv").write_text("g,a,b,c,y\n" + "".join(f"{i % 3},{i},1,2,{i}\n" for i in range(9)))
+        config.task.path, config.task.group, config.task.target = str(tmp_path / "t.csv"), "g", "y"
     learner = build_learner(config, torch.device("cpu"))  # data sets are checked by their own tests
     assert sum(p.numel() for p in learner.parameters()) > 0
     assert learner.inner_steps == (0 if config.meta.algorithm == "pretrain" else config.meta.inner_steps)
+    if config.task.name == "table":
+        assert learner.model[0].in_features == 3
 
 
 def test_sinusoid_preset_is_the_papers_setting() -> None:

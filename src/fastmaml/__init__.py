@@ -20,10 +20,12 @@ from fastmaml.models import (
     TaskBatchNorm,
     batchnorm_parameter_names,
     convert_batchnorm,
+    mlp,
     per_step_batchnorm,
     sinusoid_mlp,
 )
 from fastmaml.rules import SGD, InnerRule, PerLayerPerStepLR, PerParameterLR
+from fastmaml.tasks.protocol import TaskSource
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,22 @@ __all__ = [
     "convert_batchnorm",
     "per_step_batchnorm",
     "sinusoid_mlp",
+    "mlp",
     "ConvNet",
     "BatchNormMLP",
+    "TaskSource",
+    "fit",
+    "evaluate_tasks",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - the training shell loads on first use (tqdm, TensorBoard, data)
+    if name == "fit":
+        from fastmaml.train import fit
+
+        return fit
+    if name == "evaluate_tasks":
+        from fastmaml.evaluate import evaluate_tasks
+
+        return evaluate_tasks
+    raise AttributeError(f"module 'fastmaml' has no attribute {name!r}")

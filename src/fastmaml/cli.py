@@ -58,7 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="max inner steps (default eval.steps)")
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--name", default="eval", help="output stem: RUN_DIR/NAME.json and NAME.md")
+    p.add_argument("--episodes", type=Path, metavar="PATH",
+                   help="evaluate on fixed episodes: a file of `fastmaml episodes`, or Lake et al.'s one-shot "
+                   "runs (a zip or folder of runNN/)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("episodes", help="save the exact test tasks of a run, so other methods score the same ones")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("overrides", nargs="*", help="protocol overrides, e.g. eval.queries=15 eval.shots=[5]")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--tasks", type=int, help="number of tasks (default eval.tasks)")
+    p.add_argument("--out", type=Path, required=True, help="the episode file to write")
+    p.set_defaults(func=_episodes)
 
     p = sub.add_parser("plot", help="write a run's PNG figures")
     p.add_argument("run_dir", type=Path)
@@ -150,8 +161,24 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         if args.checkpoint == "init":
             raise ValueError("--checkpoint init exists for meta-RL runs only (the initial policy baseline)")
-        evaluate_run(args.run_dir, args.checkpoint, overrides, args.name)
+        if args.episodes:
+            from fastmaml.evaluate import evaluate_episodes
+
+            evaluate_episodes(args.run_dir, args.episodes, args.checkpoint, overrides, args.name)
+        else:
+            evaluate_run(args.run_dir, args.checkpoint, overrides, args.name)
     print((args.run_dir / f"{args.name}.md").read_text())
+    return 0
+
+
+def _episodes(args: argparse.Namespace) -> int:
+    from fastmaml.evaluate import write_episodes
+
+    if args.tasks is not None and args.tasks < 1:
+        raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
+    meta = write_episodes(args.run_dir, args.out, args.split, args.tasks, list(args.overrides))
+    print(f"wrote {meta['tasks']} {meta['ways']}-way {meta['shots']}-shot {args.split} tasks of {args.run_dir} "
+          f"to {args.out}; evaluate any run on them with: fastmaml eval RUN --episodes {args.out}")
     return 0
 
 
@@ -207,7 +234,7 @@ def _data(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     store = omniglot.load_omniglot(root)
     print(f"Omniglot store {tuple(store.shape)} {store.dtype} ready in {time.perf_counter() - start:.1f} s; "
-          f"use --data-root {root} or FASTMAML_DATA={root}")
+          f"use task.data_root={root} (fastmaml train / eval) or FASTMAML_DATA={root}")
     return 0
 
 

@@ -62,8 +62,10 @@ Device = Annotated[str, Matches(r"cpu|cuda(:\d+)?|mps", "cpu, cuda or cuda:N")]
 
 @dataclass
 class TaskConfig:
-    name: Literal["sinusoid", "omniglot", "miniimagenet"] = "sinusoid"
-    """Task family: sinusoid | omniglot | miniimagenet."""
+    name: Literal["sinusoid", "omniglot", "miniimagenet", "cifar_fs", "fc100", "folder", "table", "python"] = (
+        "sinusoid")
+    """Task family: sinusoid | omniglot | miniimagenet | cifar_fs | fc100 (CIFAR-100 archive) | folder (images
+    in ImageFolder layout) | table (a CSV, one task per group) | python (task.factory builds the sources)."""
     ways: PositiveInt = 5
     """Classes per task (N); ignored for regression."""
     shots: PositiveInt = 10
@@ -76,16 +78,46 @@ class TaskConfig:
     """Folder with the data set files; empty means the FASTMAML_DATA environment variable."""
     cache_dir: str = ""
     """Where decoded data sets are cached; empty means FASTMAML_CACHE or ~/.cache/fastmaml."""
+    split: Literal["paper", "background", "vinyals"] = "paper"
+    """Omniglot class split: paper (the MAML code's 1100/100/423) | background (Lake et al.: the 30 background
+    alphabets train and validate, the 20 evaluation alphabets test) | vinyals (Vinyals et al. 2016, rotations as
+    classes: needs rotation=classes)."""
+    split_file: str = ""
+    """folder / table: a YAML or JSON file with train, val and test lists of class (group) names; empty means a
+    seeded split of 64/16/20% of the classes (groups)."""
+    split_seed: NonNegativeInt = 0
+    """folder / table: seed of the class (group) split when no split_file is given."""
+    image_size: NonNegativeInt = 0
+    """folder: images are resized to this square size (0 = 84)."""
+    channels: Literal[0, 1, 3] = 0
+    """folder: 1 (grey) or 3 (RGB) channels (0 = 3)."""
+    path: str = ""
+    """table: the CSV file."""
+    group: str = ""
+    """table: the column whose values define the tasks (e.g. a sensor or a patient)."""
+    target: str = ""
+    """table: the column to predict."""
+    features: list[str] = field(default_factory=list)
+    """table: the feature columns (empty = every other numeric column)."""
+    kind: Literal["auto", "classification", "regression"] = "auto"
+    """Loss and metrics: classification (cross-entropy, accuracy) or regression (MSE); auto = regression for
+    sinusoid and table, classification for the rest (set it for task.name=python)."""
+    factory: str = ""
+    """python: "module:function" returning the task source of a split: function(config, split, shots, queries,
+    device) (see fastmaml.tasks.protocol)."""
     max_classes: NonNegativeInt = 0
     """Use only the first N meta-train classes (0 = all); for quick tests and demos."""
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["sinusoid_mlp", "conv", "bn_mlp"] = "sinusoid_mlp"
-    """Network: sinusoid_mlp | conv | bn_mlp."""
+    name: Literal["sinusoid_mlp", "conv", "bn_mlp", "mlp", "python"] = "sinusoid_mlp"
+    """Network: sinusoid_mlp | conv (4 blocks, sized to the task's images) | bn_mlp | mlp (two hidden layers, sized
+    to the task's features) | python (model.factory builds it)."""
     hidden: PositiveInt = 40
-    """Hidden width of sinusoid_mlp."""
+    """Hidden width of sinusoid_mlp and mlp."""
+    factory: str = ""
+    """python: "module:function" returning an nn.Module: function(config) (see fastmaml.tasks.protocol)."""
     filters: PositiveInt = 64
     """Conv filters per block (64 Omniglot, 32 MiniImagenet)."""
     init: Literal["torch", "paper"] = "torch"

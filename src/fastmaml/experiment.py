@@ -6,52 +6,69 @@ for objects and stay independent of task families.
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
 
 import torch
 from torch import nn
 
 from fastmaml.config import Config, ConfigError
-from fastmaml.episode import Episode
-from fastmaml.learners import ANIL, COMPILE_MODES, MAML, PRECISIONS, MAMLPlusPlus, MetaSGD
-from fastmaml.models import BatchNormMLP, ConvNet, batchnorm_parameter_names, sinusoid_mlp
+from fastmaml.learners import ANIL, MAML, MAMLPlusPlus, MetaSGD
+from fastmaml.models import BatchNormMLP, ConvNet, batchnorm_parameter_names, mlp, sinusoid_mlp
+from fastmaml.tasks.protocol import TaskSource, python_model, python_tasks
 from fastmaml.tasks.sinusoid import SinusoidTasks
 
 
-class TaskSource(Protocol):
-    def sample(self, num_tasks: int, generator: torch.Generator) -> Episode: ...
-
-
 def is_classification(config: Config) -> bool:
-    return config.task.name != "sinusoid"
+    if config.task.kind != "auto":
+        return config.task.kind == "classification"
+    return config.task.name not in ("sinusoid", "table")
+
+
+def input_shape(config: Config) -> tuple[int, ...]:
+    """One example's shape for the configured task (read from the data only for tables and Python sources)."""
+    task = config.task
+    fixed = {"sinusoid": (1,), "omniglot": (1, 28, 28), "miniimagenet": (3, 84, 84), "cifar_fs": (3, 32, 32),
+             "fc100": (3, 32, 32)}
+    if task.name in fixed:
+        return fixed[task.name]
+    if task.name == "folder":
+        size = task.image_size or 84
+        return (task.channels or 3, size, size)
+    if task.name == "table":
+        from fastmaml.tasks.table import table_input_shape
+
+        return table_input_shape(task)
+    shape = getattr(build_tasks(config, "train", torch.device("cpu")), "input_shape", None)
+    if shape is None:
+        raise ConfigError(f"model.name={config.model.name} needs the task source's input_shape, which the source of "
+                          f"task.factory={task.factory!r} does not have; add it, or use model.name=python")
+    return tuple(shape)
 
 
 def build_model(config: Config) -> nn.Module:
     name, ways = config.model.name, config.task.ways
+    if name == "python":
+        return python_model(config)
     if name == "sinusoid_mlp":
         return sinusoid_mlp(config.model.hidden, config.model.init)
-    if name == "conv":
-        if config.task.name == "miniimagenet":  # the paper's MiniImagenet net: max-pool, 84x84 RGB
-            return ConvNet(ways=ways, in_channels=3, filters=config.model.filters, pool=True, image_size=84,
-                           bn_scale=config.model.bn_scale)
-        return ConvNet(ways=ways, in_channels=1, filters=config.model.filters, pool=False, image_size=28,
+    outputs = 1 if not is_classification(config) else ways
+    shape = input_shape(config)
+    if name == "mlp":
+        return mlp(math.prod(shape), config.model.hidden, outputs, config.model.init)
+    if len(shape) != 3:
+        raise ConfigError(f"model.name={name} needs images, but task.name={config.task.name} gives examples of "
+                          f"shape {shape}; use model.name=mlp")
+    channels, size = shape[0], shape[-1]
+    if name == "conv":  # the paper's Omniglot net up to 28x28 (stride 2), its MiniImagenet net above (max-pool)
+        pool = size > 28
+        return ConvNet(ways=outputs, in_channels=channels, filters=config.model.filters, pool=pool, image_size=size,
                        bn_scale=config.model.bn_scale)
-    if name == "bn_mlp":
-        return BatchNormMLP(ways=ways, in_features=28 * 28, bn_scale=config.model.bn_scale)
-    raise ConfigError(f"unknown model.name {name!r}; use sinusoid_mlp, conv or bn_mlp")
+    return BatchNormMLP(ways=outputs, in_features=math.prod(shape), bn_scale=config.model.bn_scale)
 
 
 def build_learner(config: Config, device: torch.device) -> MAML:
     """The learner the config names; variants are the same learner with another rule or options."""
     meta = config.meta
-    if meta.strategy not in ("auto", "vmap", "loop"):
-        raise ConfigError(f"unknown meta.strategy {meta.strategy!r}; use auto, vmap or loop")
-    if meta.precision not in PRECISIONS:
-        raise ConfigError(f"unknown meta.precision {meta.precision!r}; use fp32 or bf16")
-    if meta.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"unknown meta.compile_mode {meta.compile_mode!r}; use one of {', '.join(COMPILE_MODES)}")
-    if meta.task_threads < 0:
-        raise ConfigError(f"meta.task_threads must be >= 0 (0 = the plan's choice), got {meta.task_threads}")
     common = {
         "loss": "cross_entropy" if is_classification(config) else "mse",
         "reduction": meta.reduction,
@@ -82,7 +99,7 @@ def build_learner(config: Config, device: torch.device) -> MAML:
                                first_order_iterations=meta.first_order_iterations, per_step_bn=meta.per_step_bn,
                                learn_inner_lr=meta.learn_inner_lr, **common)
     else:
-        raise ConfigError(f"unknown meta.algorithm {meta.algorithm!r}; use maml, metasgd, anil, mamlpp or pretrain")
+        raise AssertionError(meta.algorithm)  # config.py admits only the names above
     return learner.to(device)
 
 
@@ -102,7 +119,19 @@ def build_tasks(config: Config, split: str, device: torch.device, shots: int | N
         from fastmaml.tasks.miniimagenet import build_miniimagenet_tasks
 
         return build_miniimagenet_tasks(task, split, shots=shots, queries=queries, device=device)
-    raise ConfigError(f"unknown task.name {task.name!r}; use sinusoid, omniglot or miniimagenet")
+    if task.name in ("cifar_fs", "fc100"):
+        from fastmaml.tasks.cifar import build_cifar_tasks
+
+        return build_cifar_tasks(task, split, shots=shots, queries=queries, device=device)
+    if task.name == "folder":
+        from fastmaml.tasks.folder import build_folder_tasks
+
+        return build_folder_tasks(task, split, shots=shots, queries=queries, device=device)
+    if task.name == "table":
+        from fastmaml.tasks.table import build_table_tasks
+
+        return build_table_tasks(task, split, shots=shots, queries=queries, device=device)
+    return python_tasks(config, split, shots, queries, device)
 
 
 def resolve_device(name: str) -> torch.device:

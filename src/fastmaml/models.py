@@ -137,12 +137,18 @@ def check_meta_learnable(model: nn.Module) -> None:
 
 
 def sinusoid_mlp(hidden: int = 40, init: str = "torch") -> nn.Sequential:
-    """The paper's regression network: 1-40-40-1 with ReLU.
+    """The paper's regression network: 1-40-40-1 with ReLU (:func:`mlp` with one input and output)."""
+    return mlp(1, hidden, 1, init)
+
+
+def mlp(in_features: int, hidden: int = 40, out_features: int = 1, init: str = "torch") -> nn.Sequential:
+    """The paper's regression network for any width: in-hidden-hidden-out with ReLU.
 
     ``init="paper"`` follows the original code (weights ~ truncated normal, std 0.01; zero
     biases) instead of PyTorch's default; the starting point shapes what MAML converges to.
     """
-    model = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    model = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, out_features))
     if init == "paper":
         for layer in model:
             if isinstance(layer, nn.Linear):

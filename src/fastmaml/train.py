@@ -22,7 +22,7 @@ from fastmaml import distributed, runtime
 from fastmaml.config import Config, TrainConfig
 from fastmaml.episode import Episode
 from fastmaml.evaluate import sample_validation
-from fastmaml.experiment import build_learner, build_tasks, is_classification, resolve_device
+from fastmaml.experiment import TaskSource, build_learner, build_tasks, is_classification, resolve_device
 from fastmaml.learners import MAML
 from fastmaml.runs import (
     LAST,
@@ -77,6 +77,45 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     Nothing is written until the run can start: a bad config, missing data or a refused resume
     leaves the directory as it was.
     """
+    return _run(config, run_dir, resume, progress)
+
+
+def fit(learner: MAML, train_source: TaskSource, run_dir: str | Path, *, val_source: TaskSource | None = None,
+        resume: bool = False, progress: bool = True, name: str = "python", **settings: Any) -> dict[str, Any]:
+    """Meta-train your own learner on your own task sources, with everything ``fastmaml train`` gives a run.
+
+    The same run directory (lock, ``config.yaml``, checksummed ``last.pt``/``best.pt``, metrics,
+    TensorBoard), validation on ``val_source``, a clean stop on Ctrl-C and exact resume
+    (``resume=True`` with the same learner and sources). ``settings`` are ``train`` keys of
+    :class:`fastmaml.config.TrainConfig` (``iterations``, ``meta_batch``, ``outer_lr``,
+    ``val_every``, ``checkpoint_every``, ``seed``, ...), checked like a config file's.
+    The learner must already be on ``settings["device"]`` (default cpu), where the sources sample.
+
+    >>> import torch, fastmaml
+    >>> from fastmaml.tasks.sinusoid import SinusoidTasks
+    >>> learner = fastmaml.MAML(fastmaml.sinusoid_mlp(), inner_lr=0.01)
+    >>> result = fastmaml.fit(learner, SinusoidTasks(shots=5, queries=5), run_dir,  # doctest: +SKIP
+    ...                       val_source=SinusoidTasks(shots=5, queries=5), iterations=20, meta_batch=4,
+    ...                       val_every=10, val_tasks=20)
+    >>> result["step"], sorted(p.name for p in run_dir.iterdir())[:3]  # doctest: +SKIP
+    (20, ['.lock', 'best.pt', 'config.yaml'])
+    """
+    from fastmaml.config import MetaConfig, TaskConfig, build_config
+
+    train_settings = build_config(TrainConfig, {"val_every": 0 if val_source is None else 1000, **settings},
+                                  source="fastmaml.fit")
+    if train_settings.val_every and val_source is None:
+        raise ValueError("fastmaml.fit: val_every > 0 needs val_source (a task source of held-out tasks), or "
+                         "val_every=0")
+    rule = getattr(learner, "rule", None)
+    meta = MetaConfig(algorithm="maml", inner_lr=float(getattr(rule, "lr", 0.0) or 0.0),
+                      inner_steps=learner.inner_steps, first_order=bool(getattr(rule, "first_order", False)))
+    kind = "classification" if learner.is_classifier else "regression"
+    config = Config(name=name, task=TaskConfig(name="python", kind=kind), meta=meta, train=train_settings)
+    return _run(config, run_dir, resume, progress, learner=learner, train_tasks=train_source, val_tasks=val_source)
+
+
+def _run(config: Config, run_dir: str | Path, resume: bool, progress: bool, **objects: Any) -> dict[str, Any]:
     cfg = config.train
     ctx = distributed.from_env()
     device = ctx.device(resolve_device(cfg.device))
@@ -85,7 +124,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     finished = False
     try:
         state = ctx.run_on_main(lambda: _open_resume(run, config, ctx.world_size) if resume else _refuse_existing(run))
-        trainer = Trainer(config, run, ctx, device, progress)
+        trainer = Trainer(config, run, ctx, device, progress, **objects)
         result = trainer.fit(state)
         finished = True
         return result
@@ -119,7 +158,8 @@ class Trainer:
     """One run of the supervised meta-training loop, built from a :class:`Config`."""
 
     def __init__(self, config: Config, run: RunDir, ctx: distributed.DistContext, device: torch.device,
-                 progress: bool = True) -> None:
+                 progress: bool = True, *, learner: MAML | None = None, train_tasks: TaskSource | None = None,
+                 val_tasks: TaskSource | None = None) -> None:
         cfg = self.cfg = config.train
         self.config, self.run, self.ctx, self.device, self.show_progress = config, run, ctx, device, progress
         if cfg.threads:
@@ -127,18 +167,18 @@ class Trainer:
         if cfg.reuse_freed_memory and device.type == "cpu":
             runtime.reuse_freed_memory()
         torch.manual_seed(cfg.seed)
-        self.learner = build_learner(config, device)
+        self.learner = build_learner(config, device) if learner is None else learner
         ctx.broadcast_module(self.learner)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.outer_lr)
         self.scheduler = _lr_schedule(self.optimizer, cfg)
         self.task_rng = torch.Generator(device=device).manual_seed(distributed.task_seed(cfg.seed, ctx.rank))
-        self.train_tasks = build_tasks(config, "train", device)
+        self.train_tasks = build_tasks(config, "train", device) if train_tasks is None else train_tasks
         self.local_batch = distributed.shard_size(cfg.meta_batch, ctx.world_size)
         self.classification = is_classification(config)
         self.val_episodes: list[Episode] = []
         if cfg.val_every and ctx.is_main:
-            self.val_episodes = sample_validation(build_tasks(config, "val", device), cfg.val_tasks,
-                                                  config.eval.batch, cfg.seed + 2, device)
+            source = build_tasks(config, "val", device) if val_tasks is None else val_tasks
+            self.val_episodes = sample_validation(source, cfg.val_tasks, config.eval.batch, cfg.seed + 2, device)
         self.progress = Progress()
         self.log: RunLog | None = None
 

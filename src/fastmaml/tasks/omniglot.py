@@ -6,11 +6,26 @@ inverted so strokes are bright (stroke 255, background 0; the original code feed
 Classes are ordered background then evaluation, each by sorted ``alphabet/character`` path. The
 store is cached as ``.npy`` keyed by the zips' sha256, so later loads skip decoding.
 
-Splits follow the original MAML code (``data_generator.py``): the 1,623 characters shuffled
-with Python's ``random.seed(1); random.shuffle(...)``, then the first 1,100 are meta-train, the
-next 100 meta-val and the last 423 meta-test. The original shuffled folders in ``os.listdir``
-order, which depends on the file system, so its exact membership cannot be reproduced; here the
-shuffled list is the deterministic store order, making the split identical on every machine.
+Three class splits (``task.split``, :data:`SPLIT_SCHEMES`):
+
+- ``paper`` (default) follows the original MAML code (``data_generator.py``): the 1,623
+  characters shuffled with Python's ``random.seed(1); random.shuffle(...)``, then the first 1,100
+  are meta-train, the next 100 meta-val and the last 423 meta-test. The original shuffled folders
+  in ``os.listdir`` order, which depends on the file system, so its exact membership cannot be
+  reproduced; here the shuffled list is the deterministic store order, making the split identical
+  on every machine.
+- ``background`` is Lake et al.'s: meta-test is the 20 evaluation alphabets (659 characters),
+  never seen in training; meta-train is the 30 background alphabets less the last 5 in sorted
+  order (Ojibwe, Sanskrit, Syriac (Estrangelo), Tagalog, Tifinagh: 151 characters), which are
+  meta-val. Whole alphabets are held out so that validation measures what the test measures,
+  generalisation to new alphabets; sorted order makes the choice independent of the file system.
+  813 / 151 / 659 characters.
+- ``vinyals`` is Vinyals et al.'s (2016) split used by most few-shot papers: each (character,
+  rotation) pair listed in the split files is a class, 4,112 / 688 / 1,692. The files ship in
+  ``fastmaml/tasks/omniglot_vinyals/`` (from jakesnell/prototypical-networks, MIT). Its meta-train
+  holds characters of evaluation alphabets, so score Lake et al.'s one-shot runs
+  (:func:`fastmaml.fixed_episodes.load_lake_runs`, all from evaluation alphabets) after
+  ``background`` training only.
 
 Example (needs the zips; ``root`` may hold them directly or in an ``omniglot/`` subfolder):
 
@@ -22,14 +37,16 @@ Example (needs the zips; ``root`` may hold them directly or in an ``omniglot/`` 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import io
 import os
 import random
+import sys
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +79,14 @@ SPLIT_SEED = 1
 NUM_TRAIN = 1100
 NUM_VAL = 100
 SPLITS = ("train", "val", "test")
+SPLIT_SCHEMES = ("paper", "background", "vinyals")
+"""``task.split`` choices; see the module docstring."""
+BACKGROUND_VAL_ALPHABETS = 5
+"""``background`` split: the last this many background alphabets (sorted) are meta-val."""
+VINYALS_SPLIT_DIR = importlib.resources.files("fastmaml.tasks") / "omniglot_vinyals"
+"""The shipped Vinyals split files ``train.txt``, ``val.txt``, ``test.txt``."""
+VINYALS_TURNS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
+"""Vinyals rotation suffix -> counter-clockwise quarter turns (``PIL.Image.rotate(deg)`` = ``torch.rot90``)."""
 DOWNLOAD_HINT = "fastmaml data omniglot --download DIR"
 _CACHE_VERSION = b"fastmaml-omniglot-store-v1"
 
@@ -81,8 +106,9 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("FASTMAML_DATA", "")
     if not env:
         raise OmniglotNotFoundError(
-            "no data folder given: pass --data-root DIR (task.data_root) or set FASTMAML_DATA=DIR, "
-            f"where DIR holds {' and '.join(OMNIGLOT_ZIPS)}; get them with `{DOWNLOAD_HINT}`"
+            "no Omniglot data folder given: add the override task.data_root=DIR (fastmaml train / eval) or set "
+            f"FASTMAML_DATA=DIR, where DIR holds {' and '.join(OMNIGLOT_ZIPS)} (`fastmaml demo` takes "
+            f"--data-root DIR); get them with `{DOWNLOAD_HINT}`"
         )
     return Path(env).expanduser()
 
@@ -97,7 +123,8 @@ def find_omniglot_zips(root: str | os.PathLike[str]) -> tuple[Path, ...]:
     missing = [str(root / n) for n in OMNIGLOT_ZIPS if not (root / n).is_file()]
     raise OmniglotNotFoundError(
         f"Omniglot zips not found: {', '.join(missing)} (also looked in {root / 'omniglot'}). "
-        f"Download them with `{DOWNLOAD_HINT}` (or from {OMNIGLOT_URL}) and pass that DIR as --data-root"
+        f"Download them with `{DOWNLOAD_HINT}` (or from {OMNIGLOT_URL}) and point task.data_root=DIR (or "
+        f"FASTMAML_DATA=DIR) at that folder"
     )
 
 
@@ -131,9 +158,13 @@ def load_omniglot(
     """
     zips = find_omniglot_zips(resolve_data_root(root))
     cache = resolve_cache_dir(cache_dir) / _cache_name(zips, image_size, antialias)
-    store = cached_array(
-        cache, _valid_store, lambda: decode_omniglot(zips, image_size, antialias, expected_characters), "Omniglot"
-    )
+
+    def decode() -> np.ndarray:
+        print(f"decoding the Omniglot zips in {zips[0].parent} once (~10 s), cached at {cache}", file=sys.stderr,
+              flush=True)
+        return decode_omniglot(zips, image_size, antialias, expected_characters)
+
+    store = cached_array(cache, _valid_store, decode, "Omniglot")
     _check_total(zips, store.shape[0], expected_characters)
     return torch.from_numpy(store)
 
@@ -184,6 +215,98 @@ def omniglot_splits(
     return {name: torch.tensor(order[start:stop], dtype=torch.long) for name, (start, stop) in bounds.items()}
 
 
+def background_splits(names: Sequence[str], val_alphabets: int = BACKGROUND_VAL_ALPHABETS) -> dict[str, Tensor]:
+    """Lake et al.'s split of store classes ``names`` (:func:`omniglot_characters`): class ids per split.
+
+    test = every ``images_evaluation`` character; val = the characters of the last ``val_alphabets``
+    background alphabets in sorted order; train = the other background characters.
+    """
+    background, evaluation = (name.removesuffix(".zip") for name in OMNIGLOT_ZIPS)
+    alphabets = sorted({_parts(name)[1] for name in names if _parts(name)[0] == background})
+    if not 0 <= val_alphabets < len(alphabets):
+        raise ValueError(
+            f"val_alphabets={val_alphabets} but the store has {len(alphabets)} background alphabets; hold out "
+            f"between 0 and {len(alphabets) - 1} so meta-train keeps at least one"
+        )
+    held_out = set(alphabets[len(alphabets) - val_alphabets :])
+    ids: dict[str, list[int]] = {split: [] for split in SPLITS}
+    for i, name in enumerate(names):
+        top, alphabet, _ = _parts(name)
+        if top == evaluation:
+            ids["test"].append(i)
+        elif top == background:
+            ids["val" if alphabet in held_out else "train"].append(i)
+        else:
+            raise ValueError(f"class {name!r} is neither in {background} nor in {evaluation}")
+    if not ids["test"]:
+        raise OmniglotDataError(f"the store has no {evaluation} characters, so the background split has no test set")
+    return {split: torch.tensor(members, dtype=torch.long) for split, members in ids.items()}
+
+
+def vinyals_splits(names: Sequence[str], split_dir: str | os.PathLike[str] | None = None) -> dict[str, Tensor]:
+    """Vinyals et al.'s split: ``[classes, 2]`` rows of (store class id, quarter turns) per split, in file order.
+
+    Each line of ``split_dir/{train,val,test}.txt`` (default: the shipped copy) is
+    ``Alphabet/characterNN/rotDDD``; the alphabet and character are looked up among ``names``
+    (:func:`omniglot_characters`, the zip's top folder dropped) and ``rotDDD`` is DDD degrees
+    counter-clockwise. The splits are checked to be disjoint.
+    """
+    index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = "/".join(_parts(name)[1:])
+        if key in index:
+            raise OmniglotDataError(
+                f"alphabet/character {key!r} is in both zips, so the Vinyals split cannot tell them apart"
+            )
+        index[key] = i
+    folder = VINYALS_SPLIT_DIR if split_dir is None else Path(split_dir)
+    splits, owner = {}, {}
+    for split in SPLITS:
+        file = folder / f"{split}.txt"
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as exc:
+            raise OmniglotNotFoundError(
+                f"Vinyals split file {file} is missing; reinstall fastmaml (it ships the split files)"
+            ) from exc
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            character, _, rotation = line.strip().rpartition("/")
+            problem = ""
+            if rotation not in VINYALS_TURNS:
+                problem = f"rotation {rotation!r} is not one of {', '.join(VINYALS_TURNS)}"
+            elif character not in index:
+                problem = f"{character!r} is not a character of the Omniglot zips"
+            if problem:
+                raise OmniglotDataError(
+                    f"{file}:{number}: {line!r} is not Alphabet/characterNN/rotDDD of this data set ({problem}); "
+                    f"use the official zips and the split files as shipped"
+                )
+            pair = (index[character], VINYALS_TURNS[rotation])
+            if pair in owner:
+                raise OmniglotDataError(f"{file}:{number}: {line!r} is already listed in {owner[pair]}.txt")
+            owner[pair] = split
+            rows.append(pair)
+        splits[split] = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+    return splits
+
+
+def rotated_classes(store: Tensor, pairs: Tensor) -> Tensor:
+    """A store whose class ``i`` is store class ``pairs[i, 0]`` turned ``pairs[i, 1]`` quarter turns.
+
+    Lets an :class:`EpisodeSampler` with ``rotation="none"`` draw exactly the listed (class,
+    rotation) pairs, as the Vinyals split needs; rotating uint8 images is a cheap copy.
+    """
+    view = store.new_empty((len(pairs), *store.shape[1:]))
+    for turns in range(4):
+        rows = (pairs[:, 1] == turns).nonzero().squeeze(1)
+        if rows.numel():
+            view[rows] = torch.rot90(store[pairs[rows, 0]], turns, dims=(-2, -1))
+    return view
+
+
 def omniglot_tasks(
     store: Tensor,
     split: str,
@@ -193,18 +316,39 @@ def omniglot_tasks(
     rotation: str = "none",
     device: torch.device | str = "cpu",
     *,
+    scheme: str = "paper",
+    names: Sequence[str] | None = None,
     num_train: int = NUM_TRAIN,
     num_val: int = NUM_VAL,
     seed: int = SPLIT_SEED,
+    val_alphabets: int = BACKGROUND_VAL_ALPHABETS,
+    split_dir: str | os.PathLike[str] | None = None,
     max_classes: int = 0,
 ) -> EpisodeSampler:
     """An N-way K-shot task source over one split of ``store``, its images copied to ``device``.
 
-    ``max_classes > 0`` keeps only the first that many classes of the split (quick runs).
+    ``scheme`` is one of :data:`SPLIT_SCHEMES`; ``background`` and ``vinyals`` need the class
+    ``names`` (:func:`omniglot_characters`). ``vinyals`` classes are (character, rotation) pairs,
+    so it takes ``rotation="classes"`` only. ``max_classes > 0`` keeps only the first that many
+    classes of the split (quick runs).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    classes = omniglot_splits(store.shape[0], num_train=num_train, num_val=num_val, seed=seed)[split]
+    if scheme == "paper":
+        classes = omniglot_splits(store.shape[0], num_train=num_train, num_val=num_val, seed=seed)[split]
+    elif scheme == "background":
+        classes = background_splits(_check_names(names, store, scheme), val_alphabets)[split]
+    elif scheme == "vinyals":
+        if rotation != "classes":
+            raise ValueError(
+                f"task.split=vinyals makes each (character, rotation) listed in its files a class, so it needs "
+                f"task.rotation=classes; got {rotation!r}"
+            )
+        pairs = vinyals_splits(_check_names(names, store, scheme), split_dir)[split]
+        pairs = pairs[:max_classes] if max_classes > 0 else pairs
+        return EpisodeSampler(rotated_classes(store, pairs), ways, shots, queries, rotation="none", device=device)
+    else:
+        raise ValueError(f"task.split must be one of {', '.join(SPLIT_SCHEMES)}; got {scheme!r}")
     if max_classes > 0:
         classes = classes[:max_classes]
     return EpisodeSampler(store, ways, shots, queries, classes=classes, rotation=rotation, device=device)
@@ -215,13 +359,39 @@ def build_omniglot_tasks(
 ) -> EpisodeSampler:
     """The task source a run config asks for; ``task.max_classes`` limits the meta-train split only.
 
-    The configured rotation applies to every split (the original code rotated test tasks too).
+    ``task.split`` picks the class split (empty means ``paper``). The configured rotation applies
+    to every split (the original code rotated test tasks too).
     """
+    scheme = getattr(task, "split", "") or "paper"
+    if scheme not in SPLIT_SCHEMES:
+        raise ValueError(f"task.split must be one of {', '.join(SPLIT_SCHEMES)}; got {scheme!r}")
     store = load_omniglot(task.data_root or None, cache_dir=task.cache_dir or None)
+    names = None if scheme == "paper" else omniglot_characters(resolve_data_root(task.data_root or None))
     max_classes = task.max_classes if split == "train" else 0
     return omniglot_tasks(
-        store, split, task.ways, shots, queries, rotation=task.rotation, device=device, max_classes=max_classes
+        store, split, task.ways, shots, queries, rotation=task.rotation, device=device, scheme=scheme, names=names,
+        max_classes=max_classes,
     )
+
+
+def _parts(name: str) -> tuple[str, str, str]:
+    """``images_background/Alphabet/character01`` -> its three parts."""
+    parts = name.split("/")
+    if len(parts) != 3:
+        raise ValueError(
+            f"class name {name!r} is not <set>/<Alphabet>/<character>; take the names from omniglot_characters"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def _check_names(names: Sequence[str] | None, store: Tensor, scheme: str) -> Sequence[str]:
+    if names is None or len(names) != store.shape[0]:
+        got = "none" if names is None else str(len(names))
+        raise ValueError(
+            f"split scheme {scheme!r} needs one class name per store class ({store.shape[0]}), got {got}; pass "
+            f"names=omniglot_characters(root)"
+        )
+    return names
 
 
 def download_omniglot(
@@ -305,12 +475,26 @@ def _character_drawings(
 def _decode_png(path: Path, archive: zipfile.ZipFile, entry: str, size: int, antialias: bool) -> np.ndarray:
     """One drawing as ``uint8 [size, size]``, strokes 255 on a 0 background."""
     try:
-        with Image.open(io.BytesIO(archive.read(entry))) as image:
+        data = archive.read(entry)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise OmniglotDataError(f"{path}: {entry} is not a decodable PNG ({exc}); {_redownload(path)}") from exc
+    return decode_drawing(data, f"{path}: {entry}", size, antialias, fix=_redownload(path))
+
+
+def decode_drawing(data: bytes, where: str, size: int = 28, antialias: bool = True, fix: str = "") -> np.ndarray:
+    """One 105x105 Omniglot PNG as ``uint8 [size, size]``, strokes 255 on a 0 background.
+
+    The store's preprocessing (see :func:`load_omniglot` for ``antialias``), public so that other
+    files of the same drawings (Lake et al.'s one-shot runs) are treated exactly alike. Errors
+    name ``where`` and end with ``fix``.
+    """
+    fix = f"; {fix}" if fix else ""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             if image.size != (SOURCE_SIZE, SOURCE_SIZE):
                 raise OmniglotDataError(
-                    f"{path}: {entry} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}; "
-                    f"{_redownload(path)}"
+                    f"{where} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}{fix}"
                 )
             if antialias:
                 small = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
@@ -319,8 +503,8 @@ def _decode_png(path: Path, archive: zipfile.ZipFile, entry: str, size: int, ant
             pixels = np.asarray(small, dtype=np.uint8)
     except OmniglotDataError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise OmniglotDataError(f"{path}: {entry} is not a decodable PNG ({exc}); {_redownload(path)}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+        raise OmniglotDataError(f"{where} is not a decodable PNG ({exc}){fix}") from exc
     return 255 - pixels
 
 
