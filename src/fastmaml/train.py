@@ -118,6 +118,7 @@ def fit(learner: MAML, train_source: TaskSource, run_dir: str | Path, *, val_sou
 def _run(config: Config, run_dir: str | Path, resume: bool, progress: bool, **objects: Any) -> dict[str, Any]:
     cfg = config.train
     ctx = distributed.from_env()
+    distributed.shard_size(cfg.meta_batch, ctx.world_size)  # a meta-batch that does not split fails before any group
     device = ctx.device(resolve_device(cfg.device))
     ctx.start(device)
     run = RunDir(run_dir)
