@@ -284,7 +284,7 @@ def test_split_files_are_read_and_checked(tmp_path: Path, kind: str) -> None:
     assert read_class_split(path, known) == good
     bad = dict(good, test=["c4", "x1", "x2", "x3", "x4", "x5", "x6", "x7"])
     path.write_text(dump(bad))
-    with pytest.raises(LabelledDataError, match=r"names 7 class\(es\) the data does not have: x1, x2, x3, x4, x5, "
+    with pytest.raises(LabelledDataError, match=r"names 7 classes the data does not have: x1, x2, x3, x4, x5, "
                                                 r"\.\.\. \(7 in all\)"):
         read_class_split(path, known)
     path.write_text(dump(dict(good, val=["c3", "c0"])))

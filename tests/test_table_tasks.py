@@ -29,7 +29,7 @@ from fastmaml.tasks.table import (
     TableTasks,
     build_table_tasks,
     load_table,
-    read_split_file,
+    read_group_split,
     split_groups,
     table_input_shape,
     table_stats,
@@ -201,7 +201,7 @@ def test_split_file_assigns_the_listed_groups(written: Written, tmp_path: Path, 
         ("train: [s000]\nval: [s001]\n", r"exactly the keys train, val, test"),
         ("train: [s000, nope]\nval: [s001]\ntest: [s002]\n", r"does not have: nope"),
         ("train: [s000]\nval: [s000]\ntest: [s002]\n", r"'s000' is listed in both train and val"),
-        ("train: s000\nval: [s001]\ntest: [s002]\n", r"train must be a list of group names"),
+        ("train: s000\nval: [s001]\ntest: [s002]\n", r"train must be a list of groups"),
         ("train: [s000\n", r"is not valid YAML"),
     ],
     ids=["missing-key", "unknown-group", "listed-twice", "not-a-list", "bad-yaml"],
@@ -210,7 +210,7 @@ def test_split_file_mistakes_are_named(written: Written, tmp_path: Path, content
     path = tmp_path / "split.yaml"
     path.write_text(content)
     with pytest.raises(TableDataError, match=message):
-        read_split_file(path, sorted(set(written.group.values())))
+        read_group_split(path, sorted(set(written.group.values())))
 
 
 def test_empty_split_lists_are_errors_when_used(written: Written, tmp_path: Path) -> None:
@@ -349,7 +349,7 @@ def test_non_utf8_file_is_named(tmp_path: Path) -> None:
 def test_too_few_groups_to_split(tmp_path: Path) -> None:
     path = write_rows(tmp_path / "t.csv", [["g", "x", "y"]] + [[f"g{i % 2}", i, i] for i in range(20)])
     task = task_config(path=str(path), group="g", target="y")
-    with pytest.raises(TableDataError, match=r"2 group\(s\) \(g0, g1\) but a train/val/test split needs at least 3"):
+    with pytest.raises(TableDataError, match=r"2 groups \(g0, g1\) cannot be split into meta-train, val and test"):
         build_table_tasks(task, "train", shots=2, queries=2, device="cpu")
 
 

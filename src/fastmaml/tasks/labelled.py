@@ -34,31 +34,28 @@ Example (30 classes of 4 to 9 random 8x8 images, string labels):
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from fastmaml.episode import Episode
 from fastmaml.tasks.episodes import ROTATIONS, EpisodeIndices
+from fastmaml.tasks.splits import (  # noqa: F401 - re-exported: the folder source's public names
+    DEFAULT_FRACTIONS,
+    SHIPPED_SPLITS,
+    SPLITS,
+    read_split_file,
+    resolve_split_file,
+    seeded_split,
+    shorten,
+)
 
-SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)
-"""Meta-train / val / test shares of the classes when no split file is given."""
-SHIPPED_SPLITS = ("cub_closer_look", "tieredimagenet")
-"""Class-list split files shipped in ``fastmaml/splits`` for image folders; ``task.split_file`` may name
-any shipped ``splits/<name>.yaml`` by ``<name>`` instead of a path."""
 _SHOWN = 5
 """Names listed in a message before ``...``."""
 
@@ -73,13 +70,6 @@ class LabelledNotFoundError(LabelledDataError, FileNotFoundError):
 
 class SmallClassesWarning(UserWarning):
     """Some classes have fewer examples than one task needs; they are left out."""
-
-
-def shorten(items: Sequence[str], shown: int = _SHOWN) -> str:
-    """``a, b, c, ... (N in all)``: the first few names of a long list."""
-    items = list(items)
-    text = ", ".join(items[:shown])
-    return text + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 # --- examples grouped by class --------------------------------------------------------------
@@ -228,90 +218,14 @@ def _label_keys(y: Iterable[Any], count: int) -> tuple[np.ndarray, list[str]]:
 def split_classes(
     names: Sequence[str], seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
 ) -> dict[str, list[str]]:
-    """Disjoint meta-train/val/test classes: ``sorted(names)`` shuffled by ``random.Random(seed)``, cut by
-    ``fractions`` (rounded; val and test get at least one class each, train the rest).
-
-    Sorting first makes the split independent of the order classes were found in, and the same on every
-    machine (Python's ``random`` stream is fixed for an integer seed).
-    """
-    order = sorted(set(names))
-    if len(order) < 3:
-        raise LabelledDataError(
-            f"{len(order)} class(es) ({shorten(order)}) cannot be split into meta-train, val and test; "
-            f"use data with more classes, or give task.split_file"
-        )
-    random.Random(seed).shuffle(order)
-    num_val = max(1, round(fractions[1] * len(order)))
-    num_test = max(1, round(fractions[2] * len(order)))
-    num_train = len(order) - num_val - num_test
-    if num_train < 1:
-        raise LabelledDataError(
-            f"{len(order)} classes leave none for meta-training after {num_val} val and {num_test} test classes; "
-            f"use data with more classes, or give task.split_file"
-        )
-    return {"train": order[:num_train], "val": order[num_train:num_train + num_val],
-            "test": order[num_train + num_val:]}
-
-
-def resolve_split_file(split_file: str | os.PathLike[str]) -> Path:
-    """``split_file`` as a path; a name that is no file but a shipped ``fastmaml/splits/<name>.yaml``
-    (e.g. ``cub_closer_look``, ``tieredimagenet``) is that shipped file."""
-    path = Path(split_file).expanduser()
-    stem = str(split_file).removesuffix(".yaml")
-    if not path.exists() and re.fullmatch(r"[A-Za-z0-9_-]+", stem):
-        shipped = resources.files("fastmaml").joinpath("splits", f"{stem}.yaml")
-        if shipped.is_file():
-            return Path(str(shipped))
-    return path
+    """Disjoint meta-train/val/test classes (:func:`fastmaml.tasks.splits.seeded_split`)."""
+    return seeded_split(names, seed, fractions, units="classes", error=LabelledDataError)
 
 
 def read_class_split(path: str | os.PathLike[str], known: Sequence[str]) -> dict[str, list[str]]:
-    """A YAML or JSON file ``{train: [...], val: [...], test: [...]}`` of class names, checked against ``known``.
-
-    Names are compared as strings (quote names such as ``007`` in YAML, which would read them as
-    numbers). A name the data lacks is an error listing them; classes no list names are not used.
-    """
-    path = resolve_split_file(path)
-    if not path.is_file():
-        raise LabelledNotFoundError(
-            f"split file {path} does not exist; set task.split_file to a YAML or JSON file with train, val and "
-            f"test lists of class names, to a shipped split ({', '.join(SHIPPED_SPLITS)}), or leave it empty "
-            f"for a seeded split"
-        )
-    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise LabelledDataError(f"split file {path} is not valid {kind} ({exc}); fix it") from exc
-    if not isinstance(data, dict) or set(data) != set(SPLITS):
-        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise LabelledDataError(
-            f"split file {path} must be a mapping with exactly the keys train, val, test (lists of class names); "
-            f"got {got}"
-        )
-    known_set = set(known)
-    splits: dict[str, list[str]] = {}
-    owner: dict[str, str] = {}
-    for split in SPLITS:
-        names = data[split] if data[split] is not None else []
-        if not isinstance(names, list) or any(isinstance(n, (dict, list)) or n is None for n in names):
-            raise LabelledDataError(f"split file {path}: {split} must be a list of class names, got {names!r}")
-        names = [str(n) for n in names]
-        for name in names:
-            if name in owner:
-                where = "twice in " + split if owner[name] == split else f"in both {owner[name]} and {split}"
-                raise LabelledDataError(f"split file {path}: class {name!r} is listed {where}; a class may appear once")
-            owner[name] = split
-        splits[split] = names
-    unknown = [n for split in SPLITS for n in splits[split] if n not in known_set]
-    if unknown:
-        raise LabelledDataError(
-            f"split file {path} names {len(unknown)} class(es) the data does not have: {shorten(unknown)}; "
-            f"the data's classes are {shorten(sorted(known))}. Fix the names or point task.data_root at the "
-            f"folder whose class folders they name"
-        )
-    return splits
+    """The class lists of a split file (:func:`fastmaml.tasks.splits.read_split_file`)."""
+    return read_split_file(path, known, units="classes", error=LabelledDataError, missing=LabelledNotFoundError,
+                           fix="Fix the names or point task.data_root at the folder whose class folders they name")
 
 
 def task_class_split(task: Any, names: Sequence[str], split: str) -> list[str]:

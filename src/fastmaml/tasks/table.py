@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import math
 import os
-import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,21 +61,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from fastmaml.episode import Episode
+from fastmaml.tasks.splits import DEFAULT_FRACTIONS, SPLITS, read_split_file, seeded_split, shorten
 
 if TYPE_CHECKING:
     from fastmaml.config import TaskConfig
 
-SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)
-"""Meta-train / val / test shares of the groups when no split file is given."""
 KEY_BUDGET = 1 << 22
 """Random sort keys drawn at once (float64: 32 MiB); bigger meta-batches are drawn in task chunks."""
-_SHOWN = 8
-"""Names listed in an error before ``...``."""
 
 
 class TableDataError(ValueError):
@@ -233,7 +226,7 @@ def _load_table(path_str: str, size: int, mtime_ns: int, group: str, target: str
             example = f"task.features=[{', '.join(numeric)}]" if numeric else "task.features=[x1, x2]"
             raise TableDataError(
                 f"{path}: task.features is empty, so every column but group {group!r} and target {target!r} is a "
-                f"feature, and {'this one is' if len(bad) == 1 else 'these are'} not numeric: {_shorten(bad)}. List "
+                f"feature, and {'this one is' if len(bad) == 1 else 'these are'} not numeric: {shorten(bad)}. List "
                 f"the feature columns to use in task.features (e.g. {example}), or fix those values"
             )
     y = _numeric_column(path, records, lines, column[target], target)
@@ -334,79 +327,20 @@ def _parse_column(records: list[list[str]], lines: list[int], index: int) -> tup
     return values, None
 
 
-def _shorten(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > _SHOWN else "")
-
-
 # --- splits ---------------------------------------------------------------------------------
 
 
 def split_groups(
     names: Sequence[str], seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
 ) -> dict[str, list[str]]:
-    """Disjoint meta-train/val/test groups: ``sorted(names)`` shuffled by ``random.Random(seed)``, cut by
-    ``fractions`` (rounded; val and test get at least one group each, train the rest).
-
-    Sorting first makes the split independent of the file's row order and the same on every machine.
-    """
-    order = sorted(set(names))
-    if len(order) < 3:
-        raise TableDataError(
-            f"the table has {len(order)} group(s) ({', '.join(order)}) but a train/val/test split needs at least 3; "
-            f"use a table with more groups, or give task.split_file"
-        )
-    random.Random(seed).shuffle(order)
-    num_val = max(1, round(fractions[1] * len(order)))
-    num_test = max(1, round(fractions[2] * len(order)))
-    num_train = len(order) - num_val - num_test
-    if num_train < 1:
-        raise TableDataError(f"{len(order)} groups leave none for meta-training after {num_val} val and {num_test} "
-                             f"test groups; use a table with more groups, or give task.split_file")
-    return {"train": order[:num_train], "val": order[num_train:num_train + num_val],
-            "test": order[num_train + num_val:]}
+    """Disjoint meta-train/val/test groups (:func:`fastmaml.tasks.splits.seeded_split`)."""
+    return seeded_split(names, seed, fractions, units="groups", error=TableDataError)
 
 
-def read_split_file(path: str | os.PathLike[str], known: Sequence[str]) -> dict[str, list[str]]:
-    """A YAML or JSON file ``{train: [...], val: [...], test: [...]}`` of group names, checked against ``known``.
-
-    Names are compared as strings (quote names such as ``007`` in YAML, which would read them as
-    numbers); groups of the table that no list names are not used.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise TableNotFoundError(f"split file {path} does not exist; set task.split_file to a YAML or JSON file with "
-                                 f"train, val and test lists of group names, or leave it empty for a seeded split")
-    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
-        raise TableDataError(f"split file {path} is not valid {kind} ({error}); fix it") from error
-    if not isinstance(data, dict) or set(data) != set(SPLITS):
-        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise TableDataError(f"split file {path} must be a mapping with exactly the keys train, val, test (lists of "
-                             f"group names); got {got}")
-    splits, owner = {}, {}
-    known_set = set(known)
-    for split in SPLITS:
-        names = data[split]
-        if names is None:
-            names = []
-        if not isinstance(names, list) or any(isinstance(n, (dict, list)) or n is None for n in names):
-            raise TableDataError(f"split file {path}: {split} must be a list of group names, got {names!r}")
-        names = [str(n) for n in names]
-        unknown = [n for n in names if n not in known_set]
-        if unknown:
-            raise TableDataError(f"split file {path}: {split} names groups the table does not have: "
-                                 f"{_shorten(unknown)}; the table's groups are {_shorten(list(known))}")
-        for name in names:
-            if name in owner:
-                where = "twice in " + split if owner[name] == split else f"in both {owner[name]} and {split}"
-                raise TableDataError(f"split file {path}: group {name!r} is listed {where}; a group may appear once")
-            owner[name] = split
-        splits[split] = names
-    return splits
+def read_group_split(path: str | os.PathLike[str], known: Sequence[str]) -> dict[str, list[str]]:
+    """The group lists of a split file (:func:`fastmaml.tasks.splits.read_split_file`)."""
+    return read_split_file(path, known, units="groups", error=TableDataError, missing=TableNotFoundError,
+                           fix="Fix the names or check task.group")
 
 
 # --- statistics and sampling ----------------------------------------------------------------
@@ -470,7 +404,7 @@ class TableTasks:
         if small:
             warnings.warn(
                 f"{len(small)} group(s) of {label} of {table.path} have fewer than shots + queries = {need} rows and "
-                f"are not sampled: {_shorten(small)}; {len(self.groups)} group(s) remain",
+                f"are not sampled: {shorten(small)}; {len(self.groups)} group(s) remain",
                 SmallGroupsWarning, stacklevel=2,
             )
         rows = table.rows_of(self.groups)
@@ -534,7 +468,7 @@ def table_splits(task: TaskConfig, table: Table) -> dict[str, list[str]]:
     """The group split a run config asks for: ``task.split_file`` if set, else seeded by ``task.split_seed``."""
     split_file = getattr(task, "split_file", "")
     if split_file:
-        return read_split_file(split_file, table.group_names)
+        return read_group_split(split_file, table.group_names)
     return split_groups(table.group_names, seed=getattr(task, "split_seed", 0))
 
 
