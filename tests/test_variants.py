@@ -151,3 +151,21 @@ def test_backward_in_chunks_gives_the_meta_batch_gradient(strategy: str, chunk: 
     torch.testing.assert_close(out.loss, reference_out.loss.detach())
     torch.testing.assert_close(out.accuracy, reference_out.accuracy)
     assert out.task_losses.shape == (5,)
+
+
+@pytest.mark.parametrize("variant", ["MAML", "FOMAML", "MetaSGD", "ANIL", "LSLR", "MAMLPlusPlus"])
+def test_adapted_model_predicts_as_the_evaluation_path_after_the_same_steps(variant: str) -> None:
+    """adapt(x, y, steps=s)(query) scores what evaluate reports at step s (MAML++'s per-step BatchNorm too)."""
+    torch.manual_seed(0)
+    learner = getattr(fastmaml, variant)(tiny_conv().double(), inner_lr=0.3, inner_steps=3, loss="cross_entropy")
+    if variant == "MAMLPlusPlus":  # distinct per-step BatchNorm weights, so a wrong step changes the logits
+        bn = learner.model.features[1]
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand_like(bn.weight) * 2 + 0.1)
+            bn.bias.copy_(torch.randn_like(bn.bias))
+    ep = episode(tasks=1)
+    losses, _ = learner.evaluate(ep, steps=5)
+    for steps in (0, 1, 3, 5):
+        model = learner.adapt(ep.support_x[0], ep.support_y[0], steps=steps)
+        loss = torch.nn.functional.cross_entropy(model(ep.query_x[0]), ep.query_y[0])
+        assert loss.item() == pytest.approx(losses[0, steps].item(), rel=1e-9, abs=1e-12), (variant, steps)

@@ -55,13 +55,18 @@ class MetaOutput(NamedTuple):
 
 
 class AdaptedModel:
-    """A model with task-adapted parameters, callable like the original ``nn.Module``."""
+    """A model with task-adapted parameters, callable like the original ``nn.Module``.
 
-    def __init__(self, model: nn.Module, params: Params, buffers: Params) -> None:
-        self.model, self.params, self.buffers = model, params, buffers
+    It predicts as the trajectory point ``step`` it was adapted to, so layers with per-step
+    weights (MAML++'s per-step BatchNorm) use that step's weights, as evaluation does.
+    """
+
+    def __init__(self, model: nn.Module, params: Params, buffers: Params, step: int = 0) -> None:
+        self.model, self.params, self.buffers, self.step = model, params, buffers, step
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.func.functional_call(self.model, (self.params, self.buffers), (x,))
+        with context.at_step(self.step):
+            return torch.func.functional_call(self.model, (self.params, self.buffers), (x,))
 
 
 def _escape(name: str) -> str:
@@ -505,7 +510,7 @@ class MAML(nn.Module):
                 loss_fn=self.inner_loss_fn, rule=self.rule if rule is None else rule, steps=steps, fixed=fixed,
             )
         adapted = {**fixed, **{k: v.detach() for k, v in trajectory[-1].items()}}
-        return AdaptedModel(self.model, adapted, buffers)
+        return AdaptedModel(self.model, adapted, buffers, step=steps)
 
     def with_first_order(self, first_order: bool) -> None:
         """Switch the derivative order in place (MAML++'s derivative-order annealing)."""
