@@ -410,3 +410,21 @@ def test_sigkill_at_random_moments_loses_nothing_beyond_the_interval(tmp_path: P
         assert _train_cli(run, "train.iterations=40") == 0
     assert _same(_params(run), _params(reference))
     assert _curve(run) == _curve(reference)
+
+
+def test_a_full_disk_hidden_in_a_runtime_error_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's zip writer can report a failed write as RuntimeError('[enforce fail at inline_container.cc...')."""
+    checkpoint.save_atomic({"step": 1}, tmp_path / "last.pt")
+
+    def failing(obj, f) -> None:  # noqa: ANN001
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", failing)
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: type("U", (), {"free": 0})())
+    with pytest.raises(storage.DiskFullError, match="is full"):
+        checkpoint.save_atomic({"step": 2}, tmp_path / "last.pt")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 << 30})())
+    with pytest.raises(RuntimeError, match="enforce fail"):  # not a full disk: the error as it was
+        checkpoint.save_atomic({"step": 2}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 1

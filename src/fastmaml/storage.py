@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,14 +40,26 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         os.replace(temp, path)
     except BaseException as error:
         Path(temp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in FULL_DISK_ERRORS:
+        if _out_of_space(error, path.parent):
             raise DiskFullError(
-                error.errno, f"the disk holding {path.parent} is full ({os.strerror(error.errno)}) while writing "
+                errno.ENOSPC, f"the disk holding {path.parent} is full ({os.strerror(errno.ENOSPC)}) while writing "
                 f"{path.name}; {path} is left as it was. Free space there, then run the command again"
             ) from error
         raise
     fsync_folder(path.parent)
     remove_stale_temps(path)
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """ENOSPC / EDQUOT, or a writer (torch's zip writer) that hid it in a RuntimeError on a full disk."""
+    if isinstance(error, OSError):
+        return error.errno in FULL_DISK_ERRORS
+    if isinstance(error, RuntimeError):
+        try:
+            return shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            return False
+    return False
 
 
 def fsync_folder(folder: Path) -> None:
