@@ -79,23 +79,7 @@ def _train_rl(config: RLConfig, run: RunDir, resume: bool, progress: bool) -> di
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-dir")
     env = build_env(config)
     settings, outer = inner_settings(config), config.outer
-    if resume:
-        run.open_resume()
-        check_resume_changes(run.read_config_data(), asdict(config), RESUMABLE)
-        state = run.load_last()
-        theta = {k: v.to(device) for k, v in state["theta"].items()}
-        rng = np.random.default_rng()
-        rng.bit_generator.state = _rng_state_from_tensor(state["rng"])
-        start, ppo_state = state["iteration"], state.get("ppo", {})
-    else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        theta = policies.init_policy(env.observation_dim, env.action_dim, config.policy.hidden,
-                                     config.policy.init_std, generator)
-        theta = {k: v.to(device) for k, v in theta.items()}
-        rng = np.random.default_rng(cfg.seed)
-        start, ppo_state = 0, {}
-        run.open_new()
-        run.save(INIT, {"theta": _cpu(theta), "iteration": 0})
+    theta, rng, start, ppo_state = (_restore(run, config, device) if resume else _start(run, config, env, device))
     run.write_config(config)
 
     def save() -> None:
@@ -148,6 +132,28 @@ def _train_rl(config: RLConfig, run: RunDir, resume: bool, progress: bool) -> di
     if not run.has_checkpoint():
         save()
     return {"iteration": iteration, "run_dir": str(run_dir)}
+
+
+def _restore(run: RunDir, config: RLConfig, device: torch.device) -> tuple[Any, np.random.Generator, int, dict]:
+    """Lock the run, refuse changes its checkpoint cannot honour, load policy, generator and step."""
+    run.open_resume()
+    check_resume_changes(run.read_config_data(), asdict(config), RESUMABLE)
+    state = run.load_last()
+    rng = np.random.default_rng()
+    rng.bit_generator.state = _rng_state_from_tensor(state["rng"])
+    return {k: v.to(device) for k, v in state["theta"].items()}, rng, state["iteration"], state.get("ppo", {})
+
+
+def _start(run: RunDir, config: RLConfig, env: BatchEnv, device: torch.device) -> tuple[Any, np.random.Generator,
+                                                                                      int, dict]:
+    """The seeded initial policy and generator; owns the run directory and saves ``init.pt``."""
+    generator = torch.Generator().manual_seed(config.train.seed)
+    theta = policies.init_policy(env.observation_dim, env.action_dim, config.policy.hidden, config.policy.init_std,
+                                 generator)
+    theta = {k: v.to(device) for k, v in theta.items()}
+    run.open_new()
+    run.save(INIT, {"theta": _cpu(theta), "iteration": 0})
+    return theta, np.random.default_rng(config.train.seed), 0, {}
 
 
 def evaluate_rl_run(run_dir: Path, which: str = "last", overrides: list[str] | None = None,
