@@ -61,6 +61,16 @@ class TrainingDiverged(RuntimeError):
     """The meta-loss or meta-gradient became NaN or infinite; the last good checkpoint is kept."""
 
 
+def stopped_message(run: RunDir, unit: str, step: int) -> str:
+    """The ``stopped`` event's message of both training loops."""
+    return f"stopped by a signal after {unit} {step}; checkpointed to {run / LAST}: continue with --resume"
+
+
+def diverged(run: RunDir, what: str, fix: str) -> TrainingDiverged:
+    """The error both training loops raise on a non-finite value, with the fix for that loop."""
+    return TrainingDiverged(f"{what}: training stopped. The last good checkpoint ({run / LAST}, if any) is kept. {fix}")
+
+
 class StopRequest:
     """Set by SIGINT / SIGTERM while training: finish the iteration, checkpoint it, return.
 

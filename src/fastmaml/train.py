@@ -32,7 +32,9 @@ from fastmaml.runs import (
     StopRequest,
     TrainingDiverged,
     check_resume_changes,
+    diverged,
     load_run_config,  # noqa: F401 - re-exported for callers of the old location
+    stopped_message,
 )
 
 SCHEDULE_KEYS = ("outer_lr", "min_outer_lr", "iterations")
@@ -208,8 +210,7 @@ class Trainer:
                 if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.iterations or stopping:
                     self.checkpoint()
                 if stopping:
-                    self._write_log(event="stopped", message=f"stopped by a signal after iteration {progress.step}; "
-                                    f"checkpointed to {self.run / LAST}: continue with --resume")
+                    self._write_log(event="stopped", message=stopped_message(self.run, "iteration", progress.step))
                     break
         except TrainingDiverged as error:
             self._write_log(event="diverged", message=str(error))
@@ -298,12 +299,9 @@ class Trainer:
             stopping = stop_requested
         grad_norm = _grad_norm(learner, self.cfg.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"meta-loss {loss} / meta-gradient norm {grad_norm} at iteration {self.progress.step + 1}: training "
-                f"stopped. The last good checkpoint ({self.run / LAST}, if any) is kept. Lower train.outer_lr or "
-                "set train.grad_clip, then resume (fastmaml train --resume DIR train.outer_lr=...), or restart "
-                "with a lower meta.inner_lr."
-            )
+            raise diverged(self.run, f"meta-loss {loss} / meta-gradient norm {grad_norm} at iteration "
+                           f"{self.progress.step + 1}", "Lower train.outer_lr or set train.grad_clip, then resume "
+                           "(fastmaml train --resume DIR train.outer_lr=...), or restart with a lower meta.inner_lr.")
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

@@ -26,7 +26,7 @@ from fastmaml.rl import metarl, policies
 from fastmaml.rl.config import RLConfig, validate
 from fastmaml.rl.envs import make_batch_env
 from fastmaml.rl.sampling import BatchEnv
-from fastmaml.runs import INIT, LAST, RunDir, RunLog, StopRequest, TrainingDiverged, check_resume_changes
+from fastmaml.runs import INIT, RunDir, RunLog, StopRequest, check_resume_changes, diverged, stopped_message
 
 CHECKPOINTS = ("last", "best", "init")
 RESUMABLE = ("name", "train.iterations", "train.checkpoint_every", "train.threads", "train.device", "eval.*",
@@ -105,10 +105,9 @@ def _train_rl(config: RLConfig, run: RunDir, resume: bool, progress: bool) -> di
             returns = meta.returns
             if not all(math.isfinite(r) for r in returns) or not all(torch.isfinite(v).all() for v in
                                                                       new_theta.values()):
-                raise TrainingDiverged(
-                    f"non-finite returns {returns} or parameters at meta-iteration {iteration}: training stopped. "
-                    f"The last good checkpoint ({run_dir / LAST}, if any) is kept. Lower meta.inner_lr or "
-                    "outer.max_kl, then resume or restart.")
+                raise diverged(run, f"non-finite returns {returns} or parameters at meta-iteration {iteration}",
+                               "Lower outer.max_kl, then resume (fastmaml train --resume DIR outer.max_kl=...), or "
+                               "restart with a lower meta.inner_lr.")
             theta = new_theta
             record = {"pre_return": returns[0], "post_return": returns[-1],
                       **{f"return_step{k}": r for k, r in enumerate(returns)}, **stats,
@@ -121,8 +120,7 @@ def _train_rl(config: RLConfig, run: RunDir, resume: bool, progress: bool) -> di
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or stop.requested:
                 save()
             if stop.requested:
-                log.write(iteration, event="stopped", message=f"stopped by a signal after meta-iteration {iteration}; "
-                          f"checkpointed to {run_dir / LAST}: continue with --resume")
+                log.write(iteration, event="stopped", message=stopped_message(run, "meta-iteration", iteration))
                 break
     finally:
         stop.uninstall()
