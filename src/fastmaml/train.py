@@ -110,7 +110,9 @@ def fit(learner: MAML, train_source: TaskSource, run_dir: str | Path, *, val_sou
         raise ValueError("fastmaml.fit: val_every > 0 needs val_source (a task source of held-out tasks), or "
                          "val_every=0")
     rule = getattr(learner, "rule", None)
-    meta = MetaConfig(algorithm="maml", inner_lr=float(getattr(rule, "lr", 0.0) or 0.0),
+    algorithm = {"MetaSGD": "metasgd", "ANIL": "anil", "MAMLPlusPlus": "mamlpp"}.get(type(learner).__name__, "maml")
+    meta = MetaConfig(algorithm=algorithm if learner.inner_steps else "pretrain",
+                      inner_lr=float(getattr(rule, "lr", 0.0) or 0.0),
                       inner_steps=learner.inner_steps, first_order=bool(getattr(rule, "first_order", False)))
     kind = "classification" if learner.is_classifier else "regression"
     config = Config(name=name, task=TaskConfig(name="python", kind=kind), meta=meta, train=train_settings)
