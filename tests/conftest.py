@@ -26,6 +26,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A test that trains with train.threads=N sets torch's process-wide thread count: put it back, so
+    later tests' float32 tolerances are measured at the one thread they assume."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_omniglot_cache(tmp_path_factory: pytest.TempPathFactory):
     """One decode of the real Omniglot zips per test session, shared by every test that needs it."""
