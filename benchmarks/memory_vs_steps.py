@@ -3,9 +3,10 @@
 Second-order MAML keeps every inner step's activation graph for the outer backward, so memory
 grows with the number of steps. Checkpointing keeps one parameter set per step and recomputes
 the rest in the backward pass. Each configuration runs in a fresh subprocess (peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA), on the paper's MiniImagenet network.
+``torch.cuda.max_memory_allocated`` on CUDA), on the paper's MiniImagenet network or ResNet-12.
 
     python benchmarks/memory_vs_steps.py [--steps 1 5 10 20] [--device cpu] [--tasks 2] [--queries 15]
+    python benchmarks/memory_vs_steps.py --models conv resnet12 --steps 5 --tasks 1 --iterations 3
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def build_model(name: str, filters: int, image: int):  # noqa: ANN201 - torch is imported in the worker only
+    import fastmaml
+
+    if name == "resnet12":  # MetaOptNet's widths; --filters does not apply
+        return fastmaml.ResNet12(5, in_channels=3)
+    return fastmaml.ConvNet(5, in_channels=3, filters=filters, pool=True, image_size=image)
+
+
 def measure(steps: int, checkpoint: bool, device: str, tasks: int, queries: int, image: int, filters: int,
-            iterations: int = 4) -> dict:
+            iterations: int = 4, model: str = "conv") -> dict:
     """Run in this process: one warm-up and ``iterations - 1`` timed meta-iterations; peak memory and time."""
     import torch
 
@@ -41,8 +50,8 @@ def measure(steps: int, checkpoint: bool, device: str, tasks: int, queries: int,
     torch.manual_seed(0)
     torch.set_num_threads(1)
     dev = torch.device(device)
-    learner = fastmaml.MAML(fastmaml.ConvNet(5, in_channels=3, filters=filters, pool=True, image_size=image),
-                            0.01, steps, loss="cross_entropy", strategy="loop", checkpoint=checkpoint).to(dev)
+    learner = fastmaml.MAML(build_model(model, filters, image), 0.01, steps, loss="cross_entropy", strategy="loop",
+                            checkpoint=checkpoint).to(dev)
     optimizer = torch.optim.Adam(learner.parameters(), 1e-3)
     g = torch.Generator().manual_seed(0)
     support = torch.rand(tasks, 5, 3, image, image, generator=g)
@@ -61,7 +70,8 @@ def measure(steps: int, checkpoint: bool, device: str, tasks: int, queries: int,
         if i:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_rss_mib() - base
-    return {"steps": steps, "checkpoint": checkpoint, "peak_mib": peak, "ms": 1e3 * sorted(times)[len(times) // 2]}
+    return {"model": model, "steps": steps, "checkpoint": checkpoint, "peak_mib": peak,
+            "ms": 1e3 * sorted(times)[len(times) // 2]}
 
 
 def run_isolated(**kwargs) -> dict:
@@ -80,20 +90,24 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--image", type=int, default=84)
     parser.add_argument("--filters", type=int, default=32)
+    parser.add_argument("--models", nargs="+", choices=["conv", "resnet12"], default=["conv"])
+    parser.add_argument("--iterations", type=int, default=4, help="meta-iterations per run (the first is warm-up)")
     args = parser.parse_args()
     rows = []
-    for steps in args.steps:
-        for checkpoint in (False, True):
-            rows.append(run_isolated(steps=steps, checkpoint=checkpoint, device=args.device, tasks=args.tasks,
-                                     queries=args.queries, image=args.image, filters=args.filters))
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\nMiniImagenet net (filters {args.filters}, {args.image}px), 5-way 1-shot, {args.queries} queries/class, "
-          f"meta-batch {args.tasks}, second order, {args.device}")
-    print("| inner steps | plain peak MiB | checkpointed peak MiB | plain ms | checkpointed ms |")
-    print("|---|---|---|---|---|")
+    for model in args.models:
+        for steps in args.steps:
+            for checkpoint in (False, True):
+                rows.append(run_isolated(steps=steps, checkpoint=checkpoint, device=args.device, tasks=args.tasks,
+                                         queries=args.queries, image=args.image, filters=args.filters,
+                                         iterations=args.iterations, model=model))
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.image}px RGB, 5-way 1-shot, {args.queries} queries/class, meta-batch {args.tasks}, second order, "
+          f"{args.device}; conv: the paper's MiniImagenet net with {args.filters} filters; resnet12: 64-160-320-640")
+    print("| model | inner steps | plain peak MiB | recomputed peak MiB | plain ms | recomputed ms |")
+    print("|---|---|---|---|---|---|")
     for plain, ckpt in zip(rows[::2], rows[1::2]):
-        print(f"| {plain['steps']} | {plain['peak_mib']:.0f} | {ckpt['peak_mib']:.0f} | {plain['ms']:.0f} | "
-              f"{ckpt['ms']:.0f} |")
+        print(f"| {plain['model']} | {plain['steps']} | {plain['peak_mib']:.0f} | {ckpt['peak_mib']:.0f} | "
+              f"{plain['ms']:.0f} | {ckpt['ms']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from fastmaml.losses import make_loss
 from fastmaml.models import (
     BatchNormMLP,
     ConvNet,
+    ResNet12,
     TaskBatchNorm,
     batchnorm_parameter_names,
     convert_batchnorm,
@@ -56,6 +57,7 @@ __all__ = [
     "sinusoid_mlp",
     "mlp",
     "ConvNet",
+    "ResNet12",
     "BatchNormMLP",
     "TaskSource",
     "fit",

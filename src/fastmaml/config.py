@@ -111,15 +111,16 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["sinusoid_mlp", "conv", "bn_mlp", "mlp", "python"] = "sinusoid_mlp"
-    """Network: sinusoid_mlp | conv (4 blocks, sized to the task's images) | bn_mlp | mlp (two hidden layers, sized
-    to the task's features) | python (model.factory builds it)."""
+    name: Literal["sinusoid_mlp", "conv", "resnet12", "bn_mlp", "mlp", "python"] = "sinusoid_mlp"
+    """Network: sinusoid_mlp | conv (4 blocks, sized to the task's images) | resnet12 (widths filters x 1, 2.5, 5,
+    10: 64 gives MetaOptNet's 64-160-320-640) | bn_mlp | mlp (two hidden layers, sized to the task's features) |
+    python (model.factory builds it)."""
     hidden: PositiveInt = 40
     """Hidden width of sinusoid_mlp and mlp."""
     factory: str = ""
     """python: "module:function" returning an nn.Module: function(config) (see fastmaml.tasks.protocol)."""
     filters: PositiveInt = 64
-    """Conv filters per block (64 Omniglot, 32 MiniImagenet)."""
+    """Conv filters per block (64 Omniglot, 32 MiniImagenet); resnet12: the first block's width."""
     init: Literal["torch", "paper"] = "torch"
     """Initialisation: torch (PyTorch defaults) | paper (the original code's)."""
     bn_scale: bool = True

@@ -13,7 +13,7 @@ from torch import nn
 
 from fastmaml.config import Config, ConfigError
 from fastmaml.learners import ANIL, MAML, MAMLPlusPlus, MetaSGD
-from fastmaml.models import BatchNormMLP, ConvNet, batchnorm_parameter_names, mlp, sinusoid_mlp
+from fastmaml.models import BatchNormMLP, ConvNet, ResNet12, batchnorm_parameter_names, mlp, sinusoid_mlp
 from fastmaml.tasks.protocol import TaskSource, python_model, python_tasks
 from fastmaml.tasks.sinusoid import SinusoidTasks
 
@@ -59,6 +59,9 @@ def build_model(config: Config) -> nn.Module:
         raise ConfigError(f"model.name={name} needs images, but task.name={config.task.name} gives examples of "
                           f"shape {shape}; use model.name=mlp")
     channels, size = shape[0], shape[-1]
+    if name == "resnet12":
+        widths = tuple(round(config.model.filters * m) for m in (1, 2.5, 5, 10))
+        return ResNet12(ways=outputs, in_channels=channels, widths=widths, bn_scale=config.model.bn_scale)
     if name == "conv":  # the paper's Omniglot net up to 28x28 (stride 2), its MiniImagenet net above (max-pool)
         pool = size > 28
         return ConvNet(ways=outputs, in_channels=channels, filters=config.model.filters, pool=pool, image_size=size,
