@@ -57,3 +57,20 @@ def test_own_data_python_walkthrough_runs(tmp_path, monkeypatch) -> None:
             "train.val_every=10", "train.val_tasks=10", "train.checkpoint_every=10", "eval.tasks=10", "--no-progress"]
     assert cli_main(args) == 0 and cli_main(["eval", "runs/lines"]) == 0
     assert doctest.testmod(fastmaml.tasks.protocol).failed == 0
+
+
+MIGRATION = README.parent / "docs" / "migrating-from-learn2learn.md"
+
+
+def test_migration_guide_fastmaml_blocks_run_in_order(tmp_path, monkeypatch) -> None:
+    """docs/migrating-from-learn2learn.md: every ```python block, in order, in one namespace (learn2learn's are text)."""
+    blocks = re.findall(r"```python\n(.*?)```", MIGRATION.read_text(), flags=re.S)
+    assert len(blocks) == 4, "the migration guide lost one of its fastmaml examples"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for number, block in enumerate(blocks):
+        exec(compile(block, f"migrating-from-learn2learn.md block {number}", "exec"), namespace)  # noqa: S102
+    assert namespace["out"].loss.isfinite() and namespace["result"]["step"] == 100
+    assert (tmp_path / "runs" / "from_l2l" / "best.pt").exists()
+    # 100 meta-iterations on prototype-plus-noise tasks: adaptation must beat chance (0.2) clearly
+    assert (namespace["predictions"] == namespace["qy"]).float().mean().item() > 0.5
