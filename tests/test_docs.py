@@ -63,7 +63,7 @@ MIGRATION = README.parent / "docs" / "migrating-from-learn2learn.md"
 
 
 def test_migration_guide_fastmaml_blocks_run_in_order(tmp_path, monkeypatch) -> None:
-    """docs/migrating-from-learn2learn.md: every ```python block, in order, in one namespace (learn2learn's are text)."""
+    """docs/migrating-from-learn2learn.md: each ```python block, in order, in one namespace (the rest is text)."""
     blocks = re.findall(r"```python\n(.*?)```", MIGRATION.read_text(), flags=re.S)
     assert len(blocks) == 4, "the migration guide lost one of its fastmaml examples"
     monkeypatch.chdir(tmp_path)

@@ -288,3 +288,22 @@ def test_validation_scores_after_val_steps(tmp_path: Path) -> None:
     assert logged[0] != logged[3]
     with pytest.raises(ConfigError, match="'train.val_steps' must be an integer >= 0"):
         load_config("sinusoid", [*overrides, "train.val_steps=-1"])
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.mark.parametrize("run", sorted(p.name for p in RESULTS.glob("omniglot_*")))
+def test_load_rebuilds_every_committed_run_ready_to_adapt(run: str) -> None:
+    """fastmaml.load on run directories written by earlier releases: the best checkpoint's weights, adaptable."""
+    import fastmaml
+
+    run_dir = RESULTS / run
+    learner = fastmaml.load(run_dir)
+    saved = checkpoint.load(run_dir / "best.pt")["learner"]
+    assert all(torch.equal(v, saved[k]) for k, v in learner.state_dict().items())
+    config = load_config(str(run_dir / "config.yaml"))
+    ways, shots = config.task.ways, 1
+    x = torch.rand(ways * shots, 1, 28, 28)
+    model = learner.adapt(x, torch.arange(ways).repeat_interleave(shots), steps=1)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, ways)

@@ -61,6 +61,7 @@ __all__ = [
     "BatchNormMLP",
     "TaskSource",
     "fit",
+    "load",
     "evaluate_tasks",
 ]
 
@@ -70,8 +71,8 @@ def __getattr__(name: str):  # noqa: ANN202 - the training shell loads on first 
         from fastmaml.train import fit
 
         return fit
-    if name == "evaluate_tasks":
-        from fastmaml.evaluate import evaluate_tasks
+    if name in ("evaluate_tasks", "load"):
+        from fastmaml import evaluate
 
-        return evaluate_tasks
+        return getattr(evaluate, name)
     raise AttributeError(f"module 'fastmaml' has no attribute {name!r}")

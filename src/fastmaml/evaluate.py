@@ -111,6 +111,17 @@ def load_run(run_dir: Path, which: str = "best", overrides: list[str] | None = N
     return LoadedRun(run, config, learner, device, run.checkpoint_name(which), state["step"], lr, rule)
 
 
+def load(run_dir: str | Path, which: str = "best", device: str | None = None) -> MAML:
+    """The learner a run trained, rebuilt from its ``config.yaml`` with checkpoint ``which`` (best, else last).
+
+    Ready to ``adapt`` to a new task: ``fastmaml.load("runs/omniglot").adapt(x, y, steps=3)(queries)``.
+    Supervised runs only (meta-RL runs hold a policy: ``fastmaml eval`` evaluates them).
+    """
+    overrides = [f"train.device={device}"] if device else []
+    learner = load_run(Path(run_dir), which, overrides).learner
+    return learner.eval()
+
+
 def evaluate_run(run_dir: Path, which: str = "best", overrides: list[str] | None = None,
                  name: str = "eval") -> dict[str, Any]:
     """Evaluate a run's checkpoint for every K in ``eval.shots``; writes ``<name>.json`` and ``<name>.md``.
