@@ -17,8 +17,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastmaml import checkpoint, storage
 from fastmaml.cli import main as cli_main
@@ -428,3 +430,26 @@ def test_a_full_disk_hidden_in_a_runtime_error_is_named(tmp_path: Path, monkeypa
         checkpoint.save_atomic({"step": 2}, tmp_path / "last.pt")
     monkeypatch.undo()
     assert checkpoint.load(tmp_path / "last.pt")["step"] == 1
+
+
+def test_an_unusable_cache_folder_and_a_full_one_are_one_line_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for c in "abcdefgh":
+        (tmp_path / "images" / c).mkdir(exist_ok=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+    (tmp_path / "a_file").write_text("not a folder")
+    args = ["train", "folder_5way1shot", f"task.data_root={tmp_path / 'images'}", "task.ways=2", "task.shots=1",
+            "task.queries=1", "task.image_size=8", "--run-dir", str(tmp_path / "run")]
+    assert cli_main([*args, f"task.cache_dir={tmp_path / 'a_file' / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the "decoding ... once" line
+    assert last.startswith("fastmaml: error:") and "FASTMAML_CACHE" in last and "Traceback" not in err, err
+
+    def full(path: Path, write) -> None:  # noqa: ANN001
+        raise storage.DiskFullError(errno.ENOSPC, f"the disk holding {Path(path).parent} is full")
+
+    monkeypatch.setattr("fastmaml.tasks.folder.write_atomic", full)
+    assert cli_main([*args, f"task.cache_dir={tmp_path / 'cache'}"]) == 1
+    assert "is full" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -24,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"fastmaml: error: {error}", file=sys.stderr)
-        return 2
     except (TrainingDiverged, DiskFullError) as error:  # the run stopped; its last checkpoint is kept
         print(f"fastmaml: {error}", file=sys.stderr)
         return 1
+    except (ConfigError, ValueError, OSError) as error:  # bad input, or files that are not as they should be
+        print(f"fastmaml: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:

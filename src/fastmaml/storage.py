@@ -132,6 +132,8 @@ def cached_array(path: Path, valid: Callable[[np.ndarray], bool], build: Callabl
         array = build()
         try:
             write_atomic(path, lambda f: np.save(f, array))
+        except DiskFullError:
+            raise
         except OSError as exc:
             raise OSError(
                 f"cannot write the {what} cache {path} ({exc}); point FASTMAML_CACHE (or task.cache_dir) "

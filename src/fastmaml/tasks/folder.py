@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastmaml.storage import read_cached_array, resolve_cache_dir, write_atomic
+from fastmaml.storage import DiskFullError, read_cached_array, resolve_cache_dir, write_atomic
 from fastmaml.tasks.labelled import (
     LabelledData,
     LabelledDataError,
@@ -200,6 +200,8 @@ def load_image_folder(
         try:  # the undecodable list first: a complete store implies a complete list
             write_atomic(bad_cache, lambda f: np.save(f, bad))
             write_atomic(cache, lambda f: np.save(f, images))
+        except DiskFullError:
+            raise
         except OSError as exc:
             raise OSError(
                 f"cannot write the image folder cache {cache} ({exc}); point FASTMAML_CACHE (or task.cache_dir) at "
