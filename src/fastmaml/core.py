@@ -81,47 +81,20 @@ def choose_strategy(
         example_numel: elements of one input example (e.g. 1 * 28 * 28 for Omniglot).
         threads: CPU threads available (``torch.get_num_threads()``).
 
-    The rule on CPU, from ``benchmarks/strategies.py`` (one thread, process CPU ms per
-    meta-training step, medians of 2-7 interleaved rounds; torch 2.13 on a 2-vCPU Xeon with AVX-512
-    shared with training jobs, so differences under ~5% are noise; learn2learn in the same run as
-    the reference; docs/benchmarks.md has the tables). Outside ``vmap`` :class:`TaskBatchNorm`
-    runs torch's fused BatchNorm kernel, under ``vmap`` elementary ops (the fused kernel's batching
-    rules give wrong second-order gradients), which is what moves the crossover:
+    The rule on CPU, fitted to ``benchmarks/strategies.py``. The measurements behind each branch are
+    in docs/benchmarks.md, "How ``strategy="auto"`` chooses":
 
-    - **No convolutions: vmap over the whole meta-batch.** Per-task work is a few small matmuls,
-      so a loop pays Python and dispatch overhead T times. Sinusoid (MLP 1-40-40-1, T = 25):
-      vmap 3.3 ms, vmap in chunks of 16/8 tasks 5.6/10.0 ms, loop 26 ms (learn2learn 24).
-    - **Convolutions, tasks of at most ``AUTO_LOOP_TASK_NUMEL`` input elements: vmap, in chunks of
-      ``AUTO_CHUNK_INPUT_NUMEL // (input elements per task)`` tasks, each chunk backpropagated
-      before the next is built; no chunks when the meta-batch fits in one.** Batching the many
-      small per-task kernels wins while tasks are small; chunks bound the batched activations,
-      which otherwise come back as fresh pages every step. Omniglot 5-way 1-shot, 1 query/class
-      (T = 32, 7,840 input elements per task, rule: whole): vmap 377, loop 486 (learn2learn 469).
-      Omniglot 20-way 1-shot, 5 steps (T = 16, 31,360, rule: chunks of 8): chunks of 1/4/8:
-      2905/2477/2555, loop 2680 (learn2learn 2609).
-    - **Convolutions, larger tasks: the loop, each task backpropagated before the next (memory
-      like learn2learn's).** Omniglot 5-way 1-shot, 15 queries/class (62,720): loop 1099-1108,
-      chunks of 1/4/8: 1485/1327/1575 (learn2learn 1070). Omniglot 5-way 5-shot, 5 queries/class
-      (39,200, a tie): loop 1471-1552, chunks of 4: 1486 (learn2learn 1466). Omniglot 20-way
-      5-shot, 5 queries/class (156,800): loop 11071-11313, chunks of 1: 11377 (learn2learn 11126).
-      MiniImagenet 5-way 1-shot first order (1,693,440 per task, T = 4): loop with one backward
-      per task 2339, one graph 2736, vmap one task at a time 3938 (learn2learn 2331).
+    - no convolutions: vmap over the whole meta-batch (a loop pays Python and dispatch overhead T times);
+    - convolutions, tasks of at most ``AUTO_LOOP_TASK_NUMEL`` input elements: vmap, in chunks of
+      ``AUTO_CHUNK_INPUT_NUMEL // (input elements per task)`` tasks, each backpropagated before the next
+      is built (no chunks when the meta-batch fits in one);
+    - convolutions, larger tasks: the per-task loop, each task backpropagated before the next, where
+      :class:`TaskBatchNorm` runs torch's fused kernel (under ``vmap`` it must use elementary ops);
+    - ``threads`` > 1: backward chunks run on worker threads, one intra-op thread each
+      (:mod:`fastmaml.parallel`), vmap chunks cut to ``1/threads`` of their size; tasks above
+      ``AUTO_THREAD_TASK_NUMEL`` input elements (memory-bound) run one at a time on all threads.
 
-    **Threads (CPU, ``threads`` > 1): a plan with backward chunks runs them on ``threads`` worker
-    threads with one intra-op thread each** (:mod:`fastmaml.parallel`), the vmap chunks cut to
-    ``1/threads`` of their size so the input elements in flight stay within the bound; tasks above
-    ``AUTO_THREAD_TASK_NUMEL`` input elements run one at a time on all threads instead. torch splits
-    each operation of a small task poorly over 2 threads (learn2learn gains 1.4-1.7x from the second
-    core), whole tasks on separate cores gain ~2x (``benchmarks/strategies.py --threads 2``, wall ms,
-    idle 2 cores, one thread per chunk (``auto@2``) vs one chunk after another on 2 intra-op threads
-    (``auto@1``), in brackets learn2learn): Omniglot 5-way 1-shot with 15 queries 667 vs 898 (939),
-    5-way 5-shot 818 vs 1048 (1061), 20-way 1-shot 1316 vs 1459 (1726), 20-way 5-shot (T = 4)
-    1544 vs 1698 (1756); but MiniImagenet first order 1471-1531 vs 1168-1582 (1164-1557): its
-    activations (72 MB each) make it memory-bound, and two tasks at once compete for bandwidth.
-
-    On other devices (CUDA): vmap over the whole meta-batch. Not measured (no GPU in the sessions
-    that wrote this rule); many small kernel launches favour batching on GPUs, but treat it as a
-    default to re-measure, not a finding.
+    Other devices (CUDA): vmap over the whole meta-batch, a default still to be measured.
     """
     if device_type != "cpu" or not has_conv:
         return Plan("vmap")

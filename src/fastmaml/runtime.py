@@ -1,20 +1,13 @@
 """Process settings for long CPU training runs: keep freed memory for reuse.
 
-Why: glibc's ``malloc`` serves large blocks (above a threshold that grows to at most 32 MiB) with
-``mmap`` and hands them back to the kernel on ``free``. A meta-training step allocates and frees
-the same activation-sized blocks every step, so each step page-faults them in again: on
-MiniImagenet first-order MAML (2 CPU cores) 690,000 minor faults per step and 1.8 s, against 2,000
-faults and 1.1 s once freed memory stays in the process (learn2learn's step in the same process
-gains the same; ``benchmarks/compare.py --reuse-freed-memory``). The price is a resident size that
-stays at its high-water mark, which a training process reaches anyway on its first step.
+Why: glibc's ``malloc`` returns large freed blocks to the kernel, so every meta-training step
+page-faults its activations in again. Keeping them in the process made MiniImagenet first-order
+MAML 1.6x faster per step on 2 cores. The measurements are in docs/benchmarks.md, "Freed memory
+and page faults".
 
-This is a process-wide setting, so the library never applies it on import: ``fastmaml train``
-does when asked (config ``train.reuse_freed_memory=true``), and scripts may call
-:func:`reuse_freed_memory`. It is opt-in out of caution: two-process ``torchrun`` runs (gloo) of
-the test suite's distributed worker aborted at exit ("terminate called without an active
-exception") in 2 of 15 runs with it and 0 of 15 without. The same abort later appeared without it
-too, and went away when ranks left the process group together (``DistContext.close``), so it may
-not have been the cause.
+The setting is process-wide, so the library never applies it on import. ``fastmaml train`` applies
+it when asked (``train.reuse_freed_memory=true``), and scripts may call :func:`reuse_freed_memory`.
+It is opt-in out of caution; docs/benchmarks.md has the torchrun exit abort that led to this.
 """
 
 from __future__ import annotations
