@@ -40,6 +40,9 @@ def test_rl_presets_load(preset: str) -> None:
     ("env.name=walker", "'env.name' is 'walker'"),
     ("train.rollouts=many", "'train.rollouts' must be an integer"),
     ("meta.inner_steps=0", "meta.inner_steps must be >= 1"),
+    ("train.iterations=-5", "'train.iterations' must be an integer >= 1, got -5"),
+    ("meta.inner_lr=nan", "'meta.inner_lr' must be a finite number >= 0"),
+    ("eval.tasks=0", "'eval.tasks' must be an integer >= 1"),
 ])
 def test_rl_config_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -8,7 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastmaml.config import ConfigError, apply_overrides, build_config, read_yaml
+from fastmaml.config import (
+    ConfigError,
+    Device,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    apply_overrides,
+    build_config,
+    read_yaml,
+)
 from fastmaml.rl.metarl import OuterSettings
 
 ENVS = ("navigation2d", "halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_dir")
@@ -18,7 +28,7 @@ ENVS = ("navigation2d", "halfcheetah_vel", "halfcheetah_dir", "ant_vel", "ant_di
 class EnvSection:
     name: str = "navigation2d"
     """navigation2d | halfcheetah_vel | halfcheetah_dir | ant_vel | ant_dir."""
-    frame_skip: int = 0
+    frame_skip: NonNegativeInt = 0
     """MuJoCo simulator steps per action (0 = gymnasium's 5; 1 = the original code's time step)."""
     squared_distance: bool = False
     """navigation2d: reward minus the squared distance (the paper's text) instead of the distance (its code)."""
@@ -26,11 +36,11 @@ class EnvSection:
 
 @dataclass
 class PolicySection:
-    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    hidden: list[PositiveInt] = field(default_factory=lambda: [100, 100])
     """Hidden layer sizes of the Gaussian MLP policy (the paper: 2 x 100)."""
     nonlinearity: str = "relu"
     """relu (the paper) | tanh."""
-    init_std: float = 1.0
+    init_std: PositiveFloat = 1.0
     """Initial action standard deviation (state-independent, learned)."""
 
 
@@ -38,7 +48,7 @@ class PolicySection:
 class RLMetaSection:
     algorithm: str = "maml"
     """maml | pretrain (TRPO on the mixture of tasks, no inner step: the paper's pretrained baseline)."""
-    inner_lr: float = 0.1
+    inner_lr: NonNegativeFloat = 0.1
     """Inner policy-gradient step size alpha."""
     inner_steps: int = 1
     """Inner steps in meta-training (each resamples with the policy adapted so far)."""
@@ -56,33 +66,33 @@ OuterSection = OuterSettings
 
 @dataclass
 class RLTrainSection:
-    iterations: int = 100
+    iterations: PositiveInt = 100
     """Meta-iterations (outer updates)."""
-    meta_batch: int = 20
+    meta_batch: PositiveInt = 20
     """Tasks per meta-iteration."""
-    rollouts: int = 20
+    rollouts: PositiveInt = 20
     """Episodes per task per sampling phase."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed of the initial policy, the task stream and all sampling noise."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """cpu | cuda (the policy and the meta-step; environments step on the CPU)."""
-    threads: int = 1
+    threads: NonNegativeInt = 1
     """torch CPU threads."""
-    checkpoint_every: int = 10
+    checkpoint_every: PositiveInt = 10
     """Meta-iterations between checkpoints (one is always written at the end)."""
 
 
 @dataclass
 class RLEvalSection:
-    tasks: int = 40
+    tasks: PositiveInt = 40
     """Test tasks (the paper: 40), fixed by ``seed``."""
-    steps: int = 3
+    steps: NonNegativeInt = 3
     """Report returns after 0..steps policy-gradient steps."""
-    rollouts: int = 20
+    rollouts: PositiveInt = 20
     """Episodes per task per step."""
-    later_lr_scale: float = 0.5
+    later_lr_scale: NonNegativeFloat = 0.5
     """Step size of steps 2+ relative to alpha (the paper: alpha, then alpha / 2)."""
-    seed: int = 1234
+    seed: NonNegativeInt = 1234
     """Seed of the test tasks and their sampling."""
 
 
